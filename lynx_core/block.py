@@ -1,0 +1,120 @@
+"""The Lynx transformer block: a Wan2.1 block plus the Ref branch (self-attn) and IP branch (cross-attn).
+
+It works on *any* module tree with the original Wan names (``norm1, self_attn.{q,k,v,o,norm_q,norm_k},
+norm3, cross_attn.{...}, norm2, ffn, modulation``), so the same code runs on ComfyUI's WanModel and on
+lynx_core's reference DiT. RoPE and the attention kernel come in as functions for the same reason.
+
+Numerics follow the official code (diffusers 0.33.1 semantics): modulation and the parameter-free
+LayerNorms in fp32, gated residuals added in fp32, the cross-attention residual in the run dtype, the
+adapter branches added to the attention output *before* the output projection, no RoPE on either
+adapter branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+RopeFn = Callable[[torch.Tensor, object], torch.Tensor]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+CaptureFn = Callable[[torch.Tensor], None]
+
+
+@dataclass
+class BlockAdapterInputs:
+    """Per-block adapter keys/values, already projected and key-normed (computed once per generation).
+
+    ``ip``/``ref`` are (K, V) with shape [B or 1, L, dim]; ``None`` (or a zero scale) skips the branch.
+    """
+    ip: tuple[torch.Tensor, torch.Tensor] | None = None
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None
+    ip_scale: float = 1.0
+    ref_scale: float = 1.0
+
+
+def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.expand(batch, -1, -1) if t.shape[0] == 1 and batch > 1 else t
+
+
+def _per_token(m: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Expand a per-frame modulation [B, T, C] to [B, tokens, C] (T == 1 broadcasts as is)."""
+    if m.shape[1] in (1, tokens):
+        return m
+    reps = -(-tokens // m.shape[1])
+    return torch.repeat_interleave(m, reps, dim=1)[:, :tokens]
+
+
+def modulation_chunks(block, e: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    """(shift, scale, gate, c_shift, c_scale, c_gate), each [B, 1 or L, dim] in fp32."""
+    table = block.modulation.to(device=x.device, dtype=torch.float32)
+    if e.ndim == 3:  # [B, 6, dim] (original Wan / lynx_core)
+        parts = (table + e.float()).chunk(6, dim=1)
+    else:  # [B, T, 6, dim] (ComfyUI passes per-frame modulation)
+        parts = (table.unsqueeze(0) + e.float()).unbind(2)
+    return [_per_token(p, x.shape[1]) for p in parts]
+
+
+def _ln(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+def self_attention(attn, n1: torch.Tensor, freqs, rope: RopeFn, attention: AttentionFn,
+                   ref: tuple[torch.Tensor, torch.Tensor] | None, ref_scale: float) -> torch.Tensor:
+    b, s, c = n1.shape
+    heads = attn.num_heads
+    q = attn.norm_q(attn.q(n1))
+    k = attn.norm_k(attn.k(n1))
+    v = attn.v(n1)
+    q_rot = rope(q.view(b, s, heads, c // heads), freqs).reshape(b, s, c)
+    k_rot = rope(k.view(b, s, heads, c // heads), freqs).reshape(b, s, c)
+    out = attention(q_rot, k_rot, v, heads)
+    if ref is not None and ref_scale != 0.0:
+        # The ref query is the normed query *before* RoPE, and ref keys carry no RoPE either.
+        kr, vr = (_rows(t, b).to(q.dtype) for t in ref)
+        out = out + ref_scale * attention(q, kr, vr, heads).to(out.dtype)
+    return attn.o(out)
+
+
+def cross_attention(attn, n2: torch.Tensor, context: torch.Tensor, attention: AttentionFn,
+                    ip: tuple[torch.Tensor, torch.Tensor] | None, ip_scale: float) -> torch.Tensor:
+    b = n2.shape[0]
+    heads = attn.num_heads
+    q = attn.norm_q(attn.q(n2))
+    k = attn.norm_k(attn.k(context))
+    v = attn.v(context)
+    out = attention(q, k, v, heads)
+    if ip is not None and ip_scale != 0.0:
+        kip, vip = (_rows(t, b).to(q.dtype) for t in ip)
+        out = out + ip_scale * attention(q, kip, vip, heads).to(out.dtype)
+    return attn.o(out)
+
+
+def wan_block_forward(block, x: torch.Tensor, e: torch.Tensor, freqs, context: torch.Tensor, *,
+                      rope: RopeFn, attention: AttentionFn,
+                      adapters: BlockAdapterInputs | None = None,
+                      capture: CaptureFn | None = None) -> torch.Tensor:
+    """One Wan block with optional Lynx branches.
+
+    ``capture`` receives the modulated, normalised self-attention input (the tensor the reference
+    pass stores per block).
+    """
+    shift, scale, gate, c_shift, c_scale, c_gate = modulation_chunks(block, e, x)
+    eps = getattr(block.norm1, "eps", 1e-6)
+    ad = adapters or BlockAdapterInputs()
+
+    n1 = (_ln(x, eps) * (1 + scale) + shift).to(x.dtype)
+    if capture is not None:
+        capture(n1)
+    y = self_attention(block.self_attn, n1, freqs, rope, attention, ad.ref, ad.ref_scale)
+    x = (x.float() + y.float() * gate).to(x.dtype)
+
+    # Calling norm3 in the run dtype lets ComfyUI's ops cast the affine weights; torch's kernels
+    # accumulate LayerNorm in fp32 either way.
+    n2 = block.norm3(x)
+    x = x + cross_attention(block.cross_attn, n2, context, attention, ad.ip, ad.ip_scale).to(x.dtype)
+
+    n3 = (_ln(x, eps) * (1 + c_scale) + c_shift).to(x.dtype)
+    y = block.ffn(n3)
+    return (x.float() + y.float() * c_gate).to(x.dtype)

@@ -1,0 +1,142 @@
+"""Load/save Wan DiT weights: original (Wan / ComfyUI) names <-> diffusers names, config inference."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import WanConfig
+from .model import WanModel
+
+log = logging.getLogger(__name__)
+
+# Ordered (original regex, diffusers template) pairs; applied to the key suffix before .weight/.bias.
+_ORIG_TO_DIFF = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+    (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
+    (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
+    (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
+    (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
+    (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
+    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
+    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+    (r"^head\.head\.", "proj_out."),
+    (r"^head\.modulation$", "scale_shift_table"),
+]
+_DIFF_TO_ORIG = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+
+def _rename(key: str, table) -> str:
+    for pattern, repl in table:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def original_to_diffusers(state: dict) -> dict:
+    return {_rename(k, _ORIG_TO_DIFF): v for k, v in state.items()}
+
+
+def diffusers_to_original(state: dict) -> dict:
+    return {_rename(k, _DIFF_TO_ORIG): v for k, v in state.items()}
+
+
+def is_diffusers_naming(keys) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
+
+
+def normalize_state_dict(state: dict) -> dict:
+    """Strip ComfyUI checkpoint prefixes and convert diffusers names to the original Wan names."""
+    out = {}
+    for k, v in state.items():
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return diffusers_to_original(out) if is_diffusers_naming(out) else out
+
+
+def infer_config(state: dict, num_heads: int | None = None) -> WanConfig:
+    """Read the architecture off the tensor shapes (head_dim 128 unless stated, as all Wan2.1 sizes)."""
+    try:
+        pe = state["patch_embedding.weight"]
+        dim = pe.shape[0]
+        ffn = state["blocks.0.ffn.0.weight"].shape[0]
+        text_dim = state["text_embedding.0.weight"].shape[1]
+        freq_dim = state["time_embedding.0.weight"].shape[1]
+        out_dim = state["head.head.weight"].shape[0] // (pe.shape[2] * pe.shape[3] * pe.shape[4])
+    except KeyError as err:
+        raise ValueError(f"not a Wan2.1 DiT state dict: missing key {err}. Expected original "
+                         "(patch_embedding, blocks.N.self_attn...) or diffusers names") from None
+    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    heads = num_heads or (dim // 128 if dim % 128 == 0 else None)
+    if heads is None:
+        raise ValueError(f"cannot infer the head count of a {dim}-wide model; pass num_heads")
+    return WanConfig(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, in_dim=pe.shape[1],
+                     out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim,
+                     patch_size=tuple(pe.shape[2:]),
+                     cross_attn_norm=f"blocks.0.norm3.weight" in state)
+
+
+def load_wan(path: str | Path, dtype: torch.dtype | None = None, device="cpu") -> WanModel:
+    """Build a WanModel from a .safetensors file in original, ComfyUI or diffusers naming."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors Wan checkpoints are accepted (pickle files can "
+                         "run code when loaded); convert it, or pick the .safetensors release")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    state = normalize_state_dict(load_file(str(path), device=str(device)))
+    cfg = WanConfig.from_json(meta["lynx_config"]) if "lynx_config" in meta else infer_config(state)
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not match a Wan2.1 T2V DiT of {cfg.dim} width: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def save_wan(model: WanModel, path: str | Path, diffusers_names: bool = False, prefix: str = "") -> Path:
+    """Save weights (original names by default; ``prefix='model.diffusion_model.'`` for ComfyUI)."""
+    path = Path(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if diffusers_names:
+        state = original_to_diffusers(state)
+    state = {prefix + k: v for k, v in state.items()}
+    save_file(state, str(path), metadata={"lynx_config": model.config.to_json()})
+    return path
