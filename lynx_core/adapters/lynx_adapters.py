@@ -25,6 +25,10 @@ _KNOWN_WAN = {
 }
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
 def wan_size_name(dim: int, num_blocks: int) -> str:
     return _KNOWN_WAN.get((dim, num_blocks), "unknown Wan size")
 
@@ -176,7 +180,7 @@ class LynxAdapters(nn.Module):
         return (
             f"Lynx {self.variant}: ID on {len(self.ip_layers)}/{self.num_blocks} blocks "
             f"({self.id_dim}->{self.dim}{regs}){ref}; resampler {self.config.resampler_dim}x"
-            f"{self.config.resampler_depth} -> {self.id_dim}; {self.num_params() / 1e9:.2f} B params"
+            f"{self.config.resampler_depth} -> {self.id_dim}; {_count(self.num_params())} params"
         )
 
     # ------------------------------------------------------------------ maths
