@@ -30,7 +30,7 @@ def _count(n: int) -> str:
 
 
 def wan_size_name(dim: int, num_blocks: int) -> str:
-    return _KNOWN_WAN.get((dim, num_blocks), "unknown Wan size")
+    return _KNOWN_WAN.get((dim, num_blocks), "not a released Wan size")
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,6 @@ class LynxAdapters(nn.Module):
         else:
             fix = f"use a Wan model with width {self.dim} and {self.num_blocks} blocks"
         raise LynxAdapterError(
-            f"Lynx adapters are for a {self.dim}-wide {self.num_blocks}-block Wan ({ours}) but the "
+            f"Lynx adapters are for a {self.dim}-wide {self.num_blocks}-block Wan model ({ours}) but the "
             f"{model_name} is {dim}-wide with {num_blocks} blocks ({theirs}); {fix}"
         )

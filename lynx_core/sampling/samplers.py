@@ -182,7 +182,7 @@ def _unipc_correct(
     # Order conditions with nodes r (the older point) and 1 (the new point):
     #   ρ_r + ρ_1 = b1,   r·ρ_r + ρ_1 = b2.
     r = (_lam(s_prev) - lam_s) / h
-    rho_r = (b1 - b2) / (1.0 - r) * 1.01
+    rho_r = (b1 - b2) / (1.0 - r)
     rho_1 = b1 - rho_r
     d1 = (m_prev - m0) / r
     return out - (a_next * phi) * (rho_r * d1 + rho_1 * d_new)

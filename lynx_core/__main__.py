@@ -1,0 +1,24 @@
+"""Command line: `python -m lynx_core demo [...]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv=None) -> int:
+    from . import demo
+    parser = argparse.ArgumentParser(prog="python -m lynx_core")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo.build_parser(sub.add_parser("demo", help="run the whole Lynx chain (tiny random model by default)",
+                                     description=demo.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        demo.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
