@@ -10,7 +10,7 @@ the same values diffusers' ``randn_tensor`` produces on CPU for a single generat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import Tensor

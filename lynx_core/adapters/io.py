@@ -47,7 +47,6 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 # Official resampler: 64-wide heads (20 x 64 = 1280); files do not record the head split.
 _DEFAULT_DIM_HEAD = 64
-_MAX_LISTED = 8
 
 _WHERE_TO_GET = (
     "Lynx adapters come as .safetensors: the official ByteDance/lynx folders lynx_full/ and "
@@ -177,7 +176,7 @@ def _classify_headers(headers: list[_Header], folder: Optional[Path]) -> list[tu
             else:
                 infos[key] = info
         if unknown:
-            shown = ", ".join(f"{k!r} {list(header.tensors[k][1])}" for k in sorted(unknown)[:_MAX_LISTED])
+            shown = ", ".join(f"{k!r} {list(header.tensors[k][1])}" for k in sorted(unknown)[:8])
             raise LynxAdapterError(
                 f"{header.path}: {len(unknown)} key(s) are not Lynx adapter keys, e.g. {shown}. Expected "
                 f"official keys ('0.to_k_ip.weight', '0.to_k_ref.weight', 'latents', ...) or combined keys "
@@ -325,6 +324,86 @@ def _display_key(name: str, entries: dict[str, _Entry], config: AdapterConfig) -
     return files, f"{idx}.{leaf}"
 
 
+def _by_part(names: Iterable[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        groups[n.split(".", 1)[0]].append(n)
+    return groups
+
+
+def _block(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def _blocks_text(blocks: list[int]) -> str:
+    if len(blocks) > 2 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"{blocks[0]} to {blocks[-1]}"
+    return ", ".join(map(str, blocks[:12])) + (", ..." if len(blocks) > 12 else "")
+
+
+def _describe_problems(
+    entries: dict[str, _Entry],
+    config: AdapterConfig,
+    expected: dict[str, tuple[int, ...]],
+    mismatch: list[str],
+    missing: list[str],
+    unexpected: list[str],
+    per_part: int = 3,
+) -> list[str]:
+    """One line per problem, a few per file part; whole missing/extra blocks are summed up in one line."""
+    lines: list[str] = []
+    hidden = 0
+    for names in _by_part(mismatch).values():
+        for k in names[:per_part]:
+            e = entries[k]
+            lines.append(f"  {e.path}: key '{e.file_key}': expected shape {list(expected[k])}, found {list(e.shape)}")
+        hidden += max(0, len(names) - per_part)
+
+    expected_per_block: dict[tuple[str, int], int] = defaultdict(int)
+    for k in expected:
+        if not k.startswith("resampler."):
+            expected_per_block[(k.split(".", 1)[0], _block(k))] += 1
+    for part, names in _by_part(missing).items():
+        single = names
+        if part != "resampler":
+            per_block: dict[int, list[str]] = defaultdict(list)
+            for k in names:
+                per_block[_block(k)].append(k)
+            whole = sorted(b for b, ks in per_block.items() if len(ks) == expected_per_block[(part, b)])
+            if whole:
+                first = per_block[whole[0]][0]
+                files, key = _display_key(first, entries, config)
+                lines.append(
+                    f"  {files}: no weights for blocks {_blocks_text(whole)} (e.g. key '{key}' is missing, "
+                    f"expected shape {list(expected[first])})"
+                )
+            single = [k for k in names if _block(k) not in whole]
+        for k in single[:per_part]:
+            files, key = _display_key(k, entries, config)
+            lines.append(f"  {files}: key '{key}' is missing (expected shape {list(expected[k])})")
+        hidden += max(0, len(single) - per_part)
+
+    expected_blocks = {(p, b) for p, b in expected_per_block}
+    for part, names in _by_part(unexpected).items():
+        extra_blocks = sorted({_block(k) for k in names if part != "resampler" and (part, _block(k)) not in expected_blocks})
+        single = [k for k in names if part == "resampler" or _block(k) not in extra_blocks]
+        if extra_blocks:
+            e = entries[next(k for k in names if _block(k) == extra_blocks[0])]
+            lines.append(
+                f"  {e.path}: blocks {_blocks_text(extra_blocks)} are not part of a Lynx {config.variant} adapter "
+                f"for {config.num_blocks} blocks (e.g. key '{e.file_key}' {list(e.shape)})"
+            )
+        for k in single[:per_part]:
+            e = entries[k]
+            lines.append(
+                f"  {e.path}: key '{e.file_key}' {list(e.shape)} is not part of a Lynx {config.variant} adapter"
+            )
+        hidden += max(0, len(single) - per_part)
+    if hidden:
+        lines.append(f"  ... and {hidden} more key(s) like these")
+    return lines
+
+
 def _check_shapes(
     entries: dict[str, _Entry],
     config: AdapterConfig,
@@ -337,29 +416,15 @@ def _check_shapes(
     unexpected = [k for k in entries if k not in expected]
     if not (mismatch or missing or unexpected):
         return
-    lines = []
-    for k in mismatch[:_MAX_LISTED]:
-        e = entries[k]
-        lines.append(f"  {e.path}: key '{e.file_key}': expected shape {list(expected[k])}, found {list(e.shape)}")
-    for k in missing[:_MAX_LISTED]:
-        files, key = _display_key(k, entries, config)
-        lines.append(f"  {files}: key '{key}' is missing (expected shape {list(expected[k])})")
-    for k in unexpected[:_MAX_LISTED]:
-        e = entries[k]
-        lines.append(
-            f"  {e.path}: key '{e.file_key}' {list(e.shape)} is not part of a Lynx {config.variant} adapter "
-            f"for {config.num_blocks} blocks"
-        )
-    hidden = len(mismatch) + len(missing) + len(unexpected) - len(lines)
-    if hidden > 0:
-        lines.append(f"  ... and {hidden} more")
+    lines = _describe_problems(entries, config, expected, mismatch, missing, unexpected)
 
     hints = []
     if expected_by_caller["dim"] is not None and file_sizes["dim"] != config.dim:
         hints.append(
             f"the adapter files are {file_sizes['dim']}-wide ({wan_size_name(file_sizes['dim'], file_sizes['num_blocks'])}) "
-            f"but the model is {config.dim}-wide; Lynx adapters fit Wan 14B (5120-wide, 40 blocks): "
-            f"use Wan2.1-T2V-14B or Wan2.2-A14B"
+            f"but the model is {config.dim}-wide ({wan_size_name(config.dim, config.num_blocks)}); load the Wan "
+            f"model the adapters were made for (the released Lynx adapters need Wan 14B, 5120-wide with 40 "
+            f"blocks: Wan2.1-T2V-14B or Wan2.2-A14B)"
         )
     if expected_by_caller["num_blocks"] is not None and file_sizes["num_blocks"] != config.num_blocks:
         hints.append(f"the files cover {file_sizes['num_blocks']} blocks but the model has {config.num_blocks}")

@@ -1,7 +1,6 @@
 """The container of all Lynx adapter weights: resampler, per-block ID layers, per-block Ref layers."""
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
@@ -12,8 +11,6 @@ from torch import Tensor, nn
 from .errors import LynxAdapterError
 from .layers import IPAdapterLayer, RefAdapterLayer
 from .resampler import Resampler
-
-logger = logging.getLogger(__name__)
 
 VARIANTS = ("full", "lite")
 

@@ -1,0 +1,175 @@
+"""Video writing/reading round trips for every format, metadata, odd sizes and output naming."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lynx_core.video import FORMATS, next_free_path, probe, read_video, to_uint8_frames, write_video
+
+
+def _smooth_clip(frames=8, height=32, width=48) -> np.ndarray:
+    """Float [F,H,W,3] in [0,1]: soft moving gradients that every codec keeps well."""
+    t = np.linspace(0, 1, frames)[:, None, None]
+    y = np.linspace(0, 1, height)[None, :, None]
+    x = np.linspace(0, 1, width)[None, None, :]
+    r = 0.5 + 0.35 * np.sin(2 * np.pi * (x + 0.5 * t)) + 0 * y
+    g = 0.5 + 0.35 * np.cos(2 * np.pi * (y - 0.5 * t)) + 0 * x
+    b = 0.25 + 0.5 * x * y + 0.1 * t
+    return np.stack([r, g, b], axis=-1).astype(np.float32)
+
+
+# GIF uses a 256-colour palette per frame and lossy webp/h264/vp9 blur slightly.
+MAX_MEAN_ABS_ERROR = {"mp4": 6.0, "webm": 6.0, "webp": 6.0, "gif": 8.0}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_each_format(tmp_path, fmt):
+    clip = _smooth_clip()
+    path = write_video(clip, tmp_path / f"clip.{fmt}", fps=16)
+    assert path == tmp_path / f"clip.{fmt}" and path.is_file()
+    frames = read_video(path)
+    assert frames.dtype == np.uint8 and frames.shape == (8, 32, 48, 3)
+    info = probe(path)
+    assert (info["frames"], info["width"], info["height"]) == (8, 48, 32)
+    assert info["fps"] == pytest.approx(16.0, rel=0.05)  # gif stores 10 ms units: 60 ms ≈ 16.7 fps
+    assert info["codec"] == {"mp4": "h264", "webm": "vp9", "webp": "webp", "gif": "gif"}[fmt]
+    expected = to_uint8_frames(clip).astype(np.float64)
+    err = np.abs(frames.astype(np.float64) - expected).mean()
+    assert err < MAX_MEAN_ABS_ERROR[fmt]
+    # frames stay in order: each decoded frame is closest to its own source frame
+    for k in range(8):
+        dists = [np.abs(frames[k].astype(np.float64) - expected[j]).mean() for j in range(8)]
+        assert int(np.argmin(dists)) == k
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_odd_sizes(tmp_path, fmt):
+    clip = _smooth_clip(frames=5, height=31, width=45)
+    path = write_video(clip, tmp_path / "odd", fps=8, format=fmt)
+    assert path.suffix == f".{fmt}"
+    frames = read_video(path)
+    if fmt in ("mp4", "webm"):
+        # padded to even by repeating the last row/column
+        assert frames.shape == (5, 32, 46, 3)
+        edge_err = np.abs(frames[:, -1].astype(int) - frames[:, -2].astype(int)).mean()
+        assert edge_err < 6.0
+    else:
+        assert frames.shape == (5, 31, 45, 3)
+    err = np.abs(frames[:, :31, :45].astype(np.float64) - to_uint8_frames(clip)).mean()
+    assert err < MAX_MEAN_ABS_ERROR[fmt]
+
+
+def _workflow_metadata():
+    workflow = {"nodes": [{"id": 1, "type": "LynxSampler", "widgets_values": [42, "unipc", "é✓"]}], "links": []}
+    prompt = {"1": {"class_type": "LynxSampler", "inputs": {"seed": 42}}}
+    return {"workflow": json.dumps(workflow), "prompt": json.dumps(prompt), "comment": "made with Lynx"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_metadata_round_trip(tmp_path, fmt):
+    meta = _workflow_metadata()
+    path = write_video(_smooth_clip(frames=3), tmp_path / f"m.{fmt}", fps=16, metadata=meta)
+    got = probe(path)["metadata"]
+    for key, value in meta.items():
+        assert got.get(key) == value, key
+    assert json.loads(got["workflow"])["nodes"][0]["widgets_values"][2] == "é✓"
+
+
+def test_mp4_metadata_large_workflow(tmp_path):
+    big = json.dumps({"nodes": [{"id": k, "text": "x" * 200} for k in range(300)]})
+    path = write_video(_smooth_clip(frames=2), tmp_path / "big.mp4", fps=16, metadata={"workflow": big})
+    assert probe(path)["metadata"]["workflow"] == big
+
+
+def test_accepts_uint8_and_torch_input(tmp_path):
+    clip = _smooth_clip(frames=4)
+    as_uint8 = to_uint8_frames(clip)
+    a = read_video(write_video(as_uint8, tmp_path / "a.webp", fps=16))
+    b = read_video(write_video(torch.from_numpy(clip), tmp_path / "b.webp", fps=16))
+    assert np.array_equal(a, b)
+
+
+def test_to_uint8_frames_rounding_and_clamping():
+    x = np.array([-0.5, 0.0, 0.5 / 255, 0.5, 1.0, 2.0], dtype=np.float32).reshape(1, 1, 2, 3)
+    assert to_uint8_frames(x).ravel().tolist() == [0, 0, 0, 128, 255, 255]
+
+
+@pytest.mark.parametrize(
+    "frames,match",
+    [
+        (np.zeros((4, 8, 8), np.uint8), "shape"),
+        (np.zeros((4, 8, 8, 4), np.uint8), "shape"),
+        (np.zeros((4, 8, 8, 3), np.int32), "dtype"),
+        (np.full((2, 8, 8, 3), np.nan, np.float32), "NaN"),
+    ],
+)
+def test_bad_frames_rejected(tmp_path, frames, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        write_video(frames, tmp_path / "x.mp4", fps=16)
+    assert not list(tmp_path.iterdir())
+
+
+def test_format_and_option_errors(tmp_path):
+    clip = _smooth_clip(frames=2)
+    with pytest.raises(ValueError, match="format"):
+        write_video(clip, tmp_path / "x.avi", fps=16)
+    with pytest.raises(ValueError, match="agree"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, format="gif")
+    with pytest.raises(ValueError, match="fps"):
+        write_video(clip, tmp_path / "x.mp4", fps=0)
+    with pytest.raises(ValueError, match="crf"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, crf=99)
+    with pytest.raises(ValueError, match="metadata key"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, metadata={"bad key": "v"})
+    assert not list(tmp_path.iterdir())
+
+
+def test_read_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_video(tmp_path / "nope.mp4")
+
+
+# --------------------------------------------------------------------------------------------
+# next_free_path
+# --------------------------------------------------------------------------------------------
+
+
+def test_next_free_path_counts_up_and_never_overwrites(tmp_path):
+    first = next_free_path(tmp_path, "lynx", "mp4")
+    assert first == tmp_path / "lynx_00001.mp4"
+    first.write_bytes(b"1")
+    second = next_free_path(tmp_path, "lynx", ".mp4")
+    assert second == tmp_path / "lynx_00002.mp4"
+    second.write_bytes(b"2")
+    # a gap below the highest number is not reused; other extensions share the counter
+    first.unlink()
+    third = next_free_path(tmp_path, "lynx", "webp")
+    assert third == tmp_path / "lynx_00003.webp"
+    # unrelated names do not count
+    (tmp_path / "lynx_extra_00099.mp4").write_bytes(b"")
+    (tmp_path / "other_00050.mp4").write_bytes(b"")
+    assert next_free_path(tmp_path, "lynx", "mp4") == tmp_path / "lynx_00003.mp4"
+    seen = set()
+    for _ in range(5):
+        p = next_free_path(tmp_path, "lynx", "mp4")
+        assert not p.exists() and p not in seen
+        seen.add(p)
+        p.write_bytes(b"")
+
+
+def test_next_free_path_subfolder_prefix(tmp_path):
+    p = next_free_path(tmp_path, "videos/lynx", "mp4")
+    assert p == tmp_path / "videos" / "lynx_00001.mp4"
+    assert (tmp_path / "videos").is_dir() and not p.exists()
+    written = write_video(_smooth_clip(frames=2), p, fps=16)
+    assert written == p
+    assert next_free_path(tmp_path, "videos/lynx", "mp4") == tmp_path / "videos" / "lynx_00002.mp4"
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "a/../../escape", "", "videos/"])
+def test_next_free_path_rejects_bad_prefix(tmp_path, prefix):
+    with pytest.raises(ValueError, match="prefix"):
+        next_free_path(tmp_path / "out", prefix, "mp4")
