@@ -1,0 +1,579 @@
+"""nodes/queue.py against a small fake ComfyUI server (stdlib http.server plus a minimal websocket).
+
+The fake server keeps ComfyUI's wire format: /upload/image renames clashing files, /prompt
+answers 400 with node_errors for a missing image, jobs run one at a time and send execution_start,
+executing, progress (plus a binary preview frame), executed, execution_error or
+execution_success, and finally executing(node=None); /history, /queue, /view and /interrupt
+behave like ComfyUI's.
+"""
+import base64
+import email.parser
+import email.policy
+import hashlib
+import io
+import json
+import queue
+import struct
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from nodes import queue as lq
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_API = ROOT / "workflows" / "api" / "lynx_full_t2v_api.json"
+LITE_API = ROOT / "workflows" / "api" / "lynx_lite_t2v_api.json"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class FakeComfy:
+    """Just enough of ComfyUI's server for the queue tool; prompts steer the outcome:
+    'FAIL' raises in the sampler, 'SLOW' runs until interrupted, 'REJECT' fails validation."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.input_dir = tmp / "input"
+        self.output_dir = tmp / "output"
+        self.input_dir.mkdir(parents=True)
+        self.output_dir.mkdir()
+        self.uploads: list[dict] = []
+        self.prompts: list[dict] = []  # /prompt bodies that were accepted
+        self.history: dict[str, dict] = {}
+        self.pending: list[str] = []
+        self.running: str | None = None
+        self.jobs: "queue.Queue[tuple[str, dict, str]]" = queue.Queue()
+        self.clients: dict[str, "queue.Queue[bytes]"] = {}
+        self.interrupted = threading.Event()
+        self.lock = threading.Lock()
+        self.counter = 0
+        self.stop = threading.Event()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._worker, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # -- execution ---------------------------------------------------------------------------
+    def send(self, client_id: str, kind: str, data: dict) -> None:
+        q = self.clients.get(client_id)
+        if q is not None:
+            q.put(_ws_frame(json.dumps({"type": kind, "data": data}).encode(), opcode=1))
+
+    def _worker(self) -> None:
+        while not self.stop.is_set():
+            try:
+                pid, prompt, cid = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            with self.lock:
+                self.pending.remove(pid)
+                self.running = pid
+            self.interrupted.clear()
+            messages = []
+
+            def msg(kind, data):
+                data = {**data, "prompt_id": pid}
+                messages.append([kind, data])
+                self.send(cid, kind, data)
+
+            msg("execution_start", {})
+            sampler = next(k for k, v in prompt.items() if v["class_type"] == "LynxSampler")
+            text_node = prompt[sampler]["inputs"]["positive"][0]
+            text = prompt[text_node]["inputs"]["text"]
+            outputs = {}
+            status = "success"
+            self.send(cid, "executing", {"node": "6", "prompt_id": pid})
+            outputs["6"] = {"images": [{"filename": f"preview_{pid}.png", "subfolder": "", "type": "temp"}],
+                            "lynx_faces": ["1 face found, using #0"]}
+            (self.output_dir / f"preview_{pid}.png").write_bytes(b"temp preview")
+            self.send(cid, "executed", {"node": "6", "output": outputs["6"], "prompt_id": pid})
+            self.send(cid, "executing", {"node": sampler, "prompt_id": pid})
+            if "SLOW" in text:
+                while not self.interrupted.wait(0.02):
+                    pass
+                msg("execution_interrupted", {"node_id": sampler, "node_type": "LynxSampler", "executed": []})
+                status = "error"
+            else:
+                for step in (1, 2, 3):
+                    self.send(cid, "progress", {"value": step, "max": 3, "node": sampler, "prompt_id": pid})
+                    q = self.clients.get(cid)
+                    if q is not None:  # a latent preview: binary frames must be skipped
+                        q.put(_ws_frame(b"\x00\x00\x00\x01" + b"\x89PNG fake", opcode=2))
+                if "FAIL" in text:
+                    msg("execution_error", {"node_id": sampler, "node_type": "LynxSampler", "executed": [],
+                                            "exception_message": "CUDA out of memory (fake)",
+                                            "exception_type": "torch.OutOfMemoryError", "traceback": []})
+                    status = "error"
+                else:
+                    with self.lock:
+                        self.counter += 1
+                        name = f"lynx_{self.counter:05d}_.mp4"
+                    (self.output_dir / "Lynx").mkdir(exist_ok=True)
+                    (self.output_dir / "Lynx" / name).write_bytes(f"video for {text} seed "
+                                                                  f"{prompt[sampler]['inputs']['seed']}".encode())
+                    outputs["13"] = {"videos": [{"filename": name, "subfolder": "Lynx", "type": "output",
+                                                 "format": "video/h264-mp4", "frame_rate": 16.0}]}
+                    self.send(cid, "executed", {"node": "13", "output": outputs["13"], "prompt_id": pid})
+                    msg("execution_success", {})
+            with self.lock:
+                self.history[pid] = {"prompt": [0, pid, prompt, {"client_id": cid}, []],
+                                     "outputs": outputs,
+                                     "status": {"status_str": status, "completed": status == "success",
+                                                "messages": messages}}
+                self.running = None
+            self.send(cid, "executing", {"node": None, "prompt_id": pid})
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, body=b"", ctype="application/json"):
+                if not isinstance(body, bytes):
+                    body = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _body(self):
+                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                q = dict(urllib.parse.parse_qsl(url.query))
+                if url.path == "/ws":
+                    return self._websocket(q.get("clientId", ""))
+                if url.path == "/system_stats":
+                    return self._send(200, {"system": {"comfyui_version": "fake"}, "devices": []})
+                if url.path.startswith("/history/"):
+                    pid = url.path[len("/history/"):]
+                    with fake.lock:
+                        entry = fake.history.get(pid)
+                    return self._send(200, {pid: entry} if entry else {})
+                if url.path == "/queue":
+                    with fake.lock:
+                        running = [[0, fake.running, {}, {}, []]] if fake.running else []
+                        pending = [[1, p, {}, {}, []] for p in fake.pending]
+                    return self._send(200, {"queue_running": running, "queue_pending": pending})
+                if url.path == "/view":
+                    base = fake.output_dir if q.get("type", "output") in ("output", "temp") else fake.input_dir
+                    path = base / q.get("subfolder", "") / q["filename"]
+                    if not path.is_file():
+                        return self._send(404, b"", "text/plain")
+                    return self._send(200, path.read_bytes(), "application/octet-stream")
+                self._send(404, b"", "text/plain")
+
+            def do_POST(self):
+                url = urllib.parse.urlsplit(self.path)
+                if url.path == "/upload/image":
+                    return self._upload()
+                if url.path == "/prompt":
+                    return self._prompt(json.loads(self._body()))
+                if url.path == "/interrupt":
+                    body = json.loads(self._body() or b"{}")
+                    if body.get("prompt_id") in (None, fake.running):
+                        fake.interrupted.set()
+                    return self._send(200, b"", "text/plain")
+                if url.path == "/queue":
+                    body = json.loads(self._body())
+                    with fake.lock:
+                        for pid in body.get("delete", []):
+                            if pid in fake.pending:
+                                fake.pending.remove(pid)
+                    return self._send(200, b"", "text/plain")
+                self._send(404, b"", "text/plain")
+
+            def _upload(self):
+                raw = self._body()
+                msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                    b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
+                form, image = {}, None
+                for part in msg.iter_parts():
+                    name = part.get_param("name", header="content-disposition")
+                    if part.get_filename():
+                        image = (part.get_filename(), part.get_payload(decode=True))
+                    else:
+                        form[name] = part.get_content().strip()
+                if image is None:
+                    return self._send(400, b"", "text/plain")
+                folder = fake.input_dir / form.get("subfolder", "")
+                folder.mkdir(parents=True, exist_ok=True)
+                name, data = image
+                stem, suffix = Path(name).stem, Path(name).suffix
+                i = 1
+                while (folder / name).exists() and form.get("overwrite") != "true":
+                    if (folder / name).read_bytes() == data:
+                        break  # same content: ComfyUI reuses the file
+                    name = f"{stem} ({i}){suffix}"
+                    i += 1
+                (folder / name).write_bytes(data)
+                fake.uploads.append({"name": name, "form": form, "size": len(data)})
+                self._send(200, {"name": name, "subfolder": form.get("subfolder", ""), "type": "input"})
+
+            def _prompt(self, body):
+                prompt = body["prompt"]
+                for nid, node in prompt.items():
+                    if node["class_type"] == "LoadImage":
+                        if not (fake.input_dir / node["inputs"]["image"]).is_file():
+                            return self._send(400, {
+                                "error": {"type": "prompt_outputs_failed_validation",
+                                          "message": "Prompt outputs failed validation", "details": ""},
+                                "node_errors": {nid: {"errors": [{
+                                    "type": "custom_validation_failed", "message": "Invalid image file",
+                                    "details": f"image - Invalid image file: {node['inputs']['image']}"}],
+                                    "class_type": "LoadImage"}}})
+                    if node["class_type"] == "CLIPTextEncode" and "REJECT" in node["inputs"]["text"]:
+                        return self._send(400, {"error": {"type": "x", "message": "Prompt outputs failed "
+                                                          "validation", "details": ""},
+                                                "node_errors": {nid: {"errors": [{"message": "text rejected",
+                                                                                  "details": "REJECT"}]}}})
+                pid = f"pid-{len(fake.prompts) + 1:03d}"
+                fake.prompts.append(body)
+                with fake.lock:
+                    fake.pending.append(pid)
+                fake.jobs.put((pid, prompt, body.get("client_id", "")))
+                self._send(200, {"prompt_id": pid, "number": len(fake.prompts), "node_errors": {}})
+
+            def _websocket(self, client_id):
+                key = self.headers["Sec-WebSocket-Key"]
+                accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+                self.send_response(101, "Switching Protocols")
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", accept)
+                self.end_headers()
+                self.wfile.flush()
+                q = fake.clients.setdefault(client_id, queue.Queue())
+                q.put(_ws_frame(json.dumps({"type": "status", "data": {"sid": client_id, "status": {
+                    "exec_info": {"queue_remaining": 0}}}}).encode(), opcode=1))
+                try:
+                    while not fake.stop.is_set():
+                        try:
+                            frame = q.get(timeout=0.05)
+                        except queue.Empty:
+                            continue
+                        self.wfile.write(frame)
+                        self.wfile.flush()
+                except OSError:
+                    pass
+                self.close_connection = True
+
+        return Handler
+
+
+def _ws_frame(payload: bytes, opcode: int) -> bytes:
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([n])
+    elif n < 65536:
+        head += bytes([126]) + struct.pack(">H", n)
+    else:
+        head += bytes([127]) + struct.pack(">Q", n)
+    return head + payload
+
+
+@pytest.fixture
+def fake(tmp_path):
+    server = FakeComfy(tmp_path / "server")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "anna.png").write_bytes(b"\x89PNG anna")
+    (folder / "ben.jpg").write_bytes(b"\xff\xd8 ben")
+    (folder / "notes.txt").write_text("not a photo")
+    return folder
+
+
+def _run(args, capsys):
+    code = lq.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- the whole batch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("websocket", [True, False], ids=["websocket", "polling"])
+def test_batch_uploads_queues_follows_and_collects(fake, photos, tmp_path, capsys, websocket):
+    csv_file = tmp_path / "prompts.csv"
+    csv_file.write_text(
+        "prompt,negative,seed,face\n"
+        "a man rides a bike,,7,\n"
+        "FAIL this one,,,\n"
+        "a woman sings,blurry,11,ben.jpg\n", encoding="utf-8")
+    out = tmp_path / "results"
+    args = ["--server", fake.url, "--workflow", FULL_API, "--faces", photos, "--prompts", csv_file,
+            "--out", out, "--poll-interval", "0.05", "--seed", "1234"]
+    if not websocket:
+        args.append("--no-websocket")
+    code, stdout, stderr = _run(args, capsys)
+
+    # 2 photos x 2 rows + 1 row with its own photo; the two FAIL jobs do not stop the batch
+    assert code == 1
+    assert len(fake.prompts) == 5
+    # each distinct photo is uploaded once, into our subfolder, never overwriting
+    assert sorted(u["name"] for u in fake.uploads) == ["anna.png", "ben.jpg"]
+    assert all(u["form"] == {"type": "input", "subfolder": "lynx_queue", "overwrite": "false"}
+               for u in fake.uploads)
+
+    sent = [b["prompt"] for b in fake.prompts]
+    assert [p["5"]["inputs"]["image"] for p in sent] == [
+        "lynx_queue/anna.png", "lynx_queue/ben.jpg", "lynx_queue/anna.png", "lynx_queue/ben.jpg",
+        "lynx_queue/ben.jpg"]
+    assert [p["7"]["inputs"]["text"] for p in sent] == ["a man rides a bike"] * 2 + ["FAIL this one"] * 2 + [
+        "a woman sings"]
+    # the row seed, else --seed; sampler and reference seeds always agree
+    assert [p["11"]["inputs"]["seed"] for p in sent] == [7, 7, 1234, 1234, 11]
+    assert all(p["10"]["inputs"]["seed"] == p["11"]["inputs"]["seed"] for p in sent)
+    original_negative = json.loads(FULL_API.read_text())["8"]["inputs"]["text"]
+    assert [p["8"]["inputs"]["text"] for p in sent] == [original_negative] * 4 + ["blurry"]
+    assert len({b["client_id"] for b in fake.prompts}) == 1
+
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report] == ["ok", "ok", "failed", "failed", "ok"]
+    for r in report[2:4]:
+        assert "LynxSampler (node 11)" in r["error"]
+        assert "CUDA out of memory (fake)" in r["error"]
+        assert r["outputs"] == []
+    # outputs come from /view with their content, and temp previews are left out
+    for r in (report[0], report[1], report[4]):
+        assert len(r["outputs"]) == 1
+        path = Path(r["outputs"][0])
+        assert path.parent == out and path.suffix == ".mp4"
+        server_file = fake.output_dir / "Lynx" / path.name.split("_", 2)[2]
+        assert path.read_bytes() == server_file.read_bytes()
+    assert Path(report[0]["outputs"][0]).name.startswith("001_anna_")
+    assert Path(report[4]["outputs"][0]).name.startswith("005_ben_")
+    assert not list(out.glob("*preview*"))
+
+    # summary table: one row per job and the totals
+    assert "3 ok, 2 failed, 5 jobs" in stdout
+    rows = [line for line in stdout.splitlines() if line[:1].isdigit() and "jobs" not in line]
+    assert [row.split()[1] for row in rows] == ["ok", "ok", "failed", "failed", "ok"]
+    if websocket:
+        assert "LynxSampler #11 3/3" in stderr  # step progress only comes over the websocket
+    else:
+        assert "3/3" not in stderr
+    assert "FAILED: LynxSampler (node 11)" in stderr
+
+
+def test_rejected_job_reports_node_errors_and_batch_goes_on(fake, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["--server", fake.url, "--workflow", LITE_API, "--faces", photos / "anna.png",
+                            "--prompt", "REJECT me", "--prompt", "fine", "--out", out,
+                            "--poll-interval", "0.05"], capsys)
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report[0]["status"] == "failed" and report[0]["prompt_id"] is None
+    assert "Prompt outputs failed validation" in report[0]["error"]
+    assert "node 7 (CLIPTextEncode): text rejected: REJECT" in report[0]["error"]
+    assert report[1]["status"] == "ok" and len(report[1]["outputs"]) == 1
+    assert len(fake.prompts) == 1
+
+
+def test_outputs_are_never_overwritten(fake, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png", "--prompt", "same",
+            "--out", out, "--poll-interval", "0.05", "-q"]
+    assert _run(args, capsys)[0] == 0
+    first = sorted(out.glob("*.mp4"))
+    assert len(first) == 1
+    first_bytes = first[0].read_bytes()
+    # the next run's server file has the same name (fresh server counter), so ours must get a new one
+    fake.counter = 0
+    assert _run(args, capsys)[0] == 0
+    files = sorted(out.glob("*.mp4"))
+    assert len(files) == 2
+    assert first[0].read_bytes() == first_bytes
+    assert {f.name for f in files} == {first[0].name, first[0].stem + " (1).mp4"}
+
+
+def test_timeout_interrupts_the_job_and_the_batch_goes_on(fake, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = _run(["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "ben.jpg",
+                            "--prompt", "SLOW walk", "--prompt", "quick walk", "--out", out, "--timeout", "0.3",
+                            "--poll-interval", "0.05"], capsys)
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report[0]["status"] == "failed"
+    assert report[0]["error"].startswith("timed out after 0.3 s")
+    assert "interrupted at LynxSampler" in report[0]["error"]
+    assert report[1]["status"] == "ok"
+    assert "interrupting" in stderr
+
+
+def test_unreachable_server_exits_2(tmp_path, capsys, photos):
+    # a port nobody listens on: bind and close
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    code, _, err = _run(["--server", f"127.0.0.1:{port}", "--workflow", FULL_API, "--prompt", "x",
+                         "--faces", photos, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert "cannot reach the ComfyUI server" in err
+
+
+def test_missing_websocket_client_falls_back_to_polling(fake, photos, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_websocket(name, *args, **kwargs):
+        if name == "websocket":
+            raise ImportError("no websocket-client")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_websocket)
+    code, _, err = _run(["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png",
+                         "--prompt", "hello", "--out", tmp_path / "o", "--poll-interval", "0.05"], capsys)
+    assert code == 0
+    assert "websocket-client is not installed" in err
+    assert not fake.clients  # nobody connected to /ws
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+
+def test_locate_targets_follows_the_graph():
+    for path, seeds in ((FULL_API, [("10", "seed"), ("11", "seed")]), (LITE_API, [("11", "seed")])):
+        wf = lq.load_workflow(path)
+        t = lq.locate_targets(wf)
+        assert (t.face_node, t.prompt_node, t.negative_node) == ("5", "7", "8")
+        assert t.seed_inputs == seeds
+
+
+def test_locate_targets_by_title_and_override():
+    wf = lq.load_workflow(FULL_API)
+    # cut the graph links: titles must still find the nodes
+    wf["6"]["inputs"]["image"] = "not a link"
+    wf["11"]["inputs"]["positive"] = wf["11"]["inputs"]["negative"] = None
+    wf["99"] = {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Background"}}
+    t = lq.locate_targets(wf)
+    assert (t.face_node, t.prompt_node, t.negative_node) == ("5", "7", "8")
+    t = lq.locate_targets(wf, face_node="99", prompt_node="8", negative_node="7")
+    assert (t.face_node, t.prompt_node, t.negative_node) == ("99", "8", "7")
+    with pytest.raises(lq.QueueError, match="--face-node: node 42 is not in the workflow"):
+        lq.locate_targets(wf, face_node="42")
+    with pytest.raises(lq.QueueError, match="--prompt-node: node 5 .*has no 'text' input"):
+        lq.locate_targets(wf, prompt_node="5")
+
+
+def test_apply_job_copies_and_fills(tmp_path):
+    wf = lq.load_workflow(FULL_API)
+    t = lq.locate_targets(wf)
+    job = lq.Job(index=1, prompt="p", negative="n", seed=5, face=tmp_path / "a.png")
+    new = lq.apply_job(wf, t, job, "lynx_queue/a.png")
+    assert new["5"]["inputs"]["image"] == "lynx_queue/a.png"
+    assert (new["7"]["inputs"]["text"], new["8"]["inputs"]["text"]) == ("p", "n")
+    assert new["10"]["inputs"]["seed"] == new["11"]["inputs"]["seed"] == 5
+    assert wf["11"]["inputs"]["seed"] == 42 and wf["5"]["inputs"]["image"] == "face.png"  # original untouched
+    keep = lq.apply_job(wf, t, lq.Job(index=2, prompt="q"), None)
+    assert keep["11"]["inputs"]["seed"] == 42 and keep["8"]["inputs"]["text"] == wf["8"]["inputs"]["text"]
+
+
+def test_load_workflow_rejects_ui_format(tmp_path):
+    ui = ROOT / "workflows" / "lynx_full_t2v.json"
+    with pytest.raises(lq.QueueError, match="UI-format workflow"):
+        lq.load_workflow(ui)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(lq.QueueError, match="not valid JSON"):
+        lq.load_workflow(bad)
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"prompt": json.loads(FULL_API.read_text()), "client_id": "x"}))
+    assert lq.load_workflow(body)["11"]["class_type"] == "LynxSampler"
+
+
+def test_load_prompts_text_and_csv(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("# comment\nfirst prompt\n\n  second prompt  \n", encoding="utf-8")
+    assert [r["prompt"] for r in lq.load_prompts(txt)] == ["first prompt", "second prompt"]
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text('Prompt,Seed\n"a, with comma",3\nb,\n', encoding="utf-8")
+    rows = lq.load_prompts(csv_file)
+    assert [(r["prompt"], r.get("seed")) for r in rows] == [("a, with comma", 3), ("b", None)]
+    csv_file.write_text("text\nx\n")
+    with pytest.raises(lq.QueueError, match="no 'prompt' column"):
+        lq.load_prompts(csv_file)
+    csv_file.write_text("prompt,seed\nx,abc\n")
+    with pytest.raises(lq.QueueError, match="line 2: seed 'abc' is not an integer"):
+        lq.load_prompts(csv_file)
+    with pytest.raises(lq.QueueError, match="does not exist"):
+        lq.load_prompts(tmp_path / "missing.txt")
+
+
+def test_make_jobs_pairs_prompts_and_faces(tmp_path, photos):
+    faces = lq.find_faces(photos)
+    assert [f.name for f in faces] == ["anna.png", "ben.jpg"]
+    rows = [{"prompt": "x"}, {"prompt": "y", "face": "ben.jpg", "seed": 3}]
+    jobs = lq.make_jobs(rows, faces, tmp_path / "p.csv", photos, seed=9)
+    assert [(j.index, j.prompt, j.face.name, j.seed) for j in jobs] == [
+        (1, "x", "anna.png", 9), (2, "x", "ben.jpg", 9), (3, "y", "ben.jpg", 3)]
+    with pytest.raises(lq.QueueError, match="face photo 'zoe.png' not found"):
+        lq.make_jobs([{"prompt": "z", "face": "zoe.png", "line": 4}], faces, tmp_path / "p.csv", photos)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(lq.QueueError, match="has no image"):
+        lq.find_faces(empty)
+
+
+def test_output_files_and_history_error():
+    entry = {"outputs": {"13": {"videos": [{"filename": "v.mp4", "subfolder": "Lynx", "type": "output"}],
+                                "animated": [True]},
+                         "6": {"images": [{"filename": "p.png", "subfolder": "", "type": "temp"}],
+                               "lynx_faces": ["1 face"]}},
+             "status": {"status_str": "error", "completed": False, "messages": [
+                 ["execution_start", {"prompt_id": "x"}],
+                 ["execution_error", {"node_id": "6", "node_type": "LynxEncodeFaceID",
+                                      "exception_type": "ValueError", "exception_message": "no face found"}]]}}
+    assert [f["filename"] for f in lq.output_files(entry)] == ["v.mp4"]
+    assert [f["filename"] for f in lq.output_files(entry, include_temp=True)] == ["p.png", "v.mp4"]
+    assert lq.history_error(entry) == "LynxEncodeFaceID (node 6): ValueError: no face found"
+    assert lq.history_error({"status": {"status_str": "success", "completed": True, "messages": []}}) is None
+
+
+def test_summary_table_columns(tmp_path):
+    ok = lq.JobResult(lq.Job(1, "a", face=Path("anna.png"), seed=3), status="ok", started=0.0, finished=2.5,
+                      outputs=[tmp_path / "001_anna_x.mp4"])
+    bad = lq.JobResult(lq.Job(2, "b"), status="failed", error="boom\nline2")
+    text = lq.format_summary([ok, bad])
+    lines = text.splitlines()
+    assert lines[0].split() == ["#", "status", "face", "seed", "time", "result"]
+    assert lines[1].split() == ["1", "ok", "anna.png", "3", "2.5s", "001_anna_x.mp4"]
+    assert lines[2].split()[:3] == ["2", "failed", "-"] and lines[2].endswith("boom line2")
+    assert lines[-1] == "1 ok, 1 failed, 2 jobs"
+
+
+def test_script_mode_does_not_shadow_stdlib(tmp_path):
+    """`python nodes/queue.py` must not let this file (named like stdlib `queue`) shadow the stdlib."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "nodes" / "queue.py"), "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--workflow" in proc.stdout
