@@ -296,6 +296,11 @@ def locate_targets(workflow: dict[str, Any], face_node: str | None = None, promp
         found = sorted(set(found), key=_nid_key)
         if not found:
             found = _by_title(workflow, TEXT_ENCODERS, words)
+        if not found and sampler_input == "positive":
+            # A lone text node that is not called negative is the prompt.
+            negatives = set(_by_title(workflow, TEXT_ENCODERS, ("negative",)))
+            rest = [nid for nid, n in workflow.items() if n.get("class_type") in TEXT_ENCODERS and nid not in negatives]
+            found = rest if len(rest) == 1 else []
         if len(found) > 1:
             raise QueueError(f"several {sampler_input} prompt nodes ({', '.join(found)}); choose one with {flag} ID")
         if found and not isinstance(workflow[found[0]]["inputs"].get("text"), str):
@@ -303,7 +308,7 @@ def locate_targets(workflow: dict[str, Any], face_node: str | None = None, promp
                              f"choose a node with a text box with {flag} ID")
         return found[0] if found else None
 
-    prompt = text_node(prompt_node, "--prompt-node", "positive", ("positive", "prompt"))
+    prompt = text_node(prompt_node, "--prompt-node", "positive", ("positive",))
     if prompt is None:
         raise QueueError("no prompt node was found; connect a CLIPTextEncode to LynxSampler.positive, "
                          "or name it with --prompt-node ID")
@@ -542,7 +547,7 @@ class EventSource:
 
     def close(self) -> None:
         try:
-            self._ws.close()
+            self._ws.close(timeout=2)
         except Exception:  # closing a dead socket must not hide the batch result
             pass
 
@@ -724,11 +729,13 @@ def _follow(client: ComfyClient, events: EventSource | None, by_prompt: dict[str
             r.status, r.started = "running", when
             progress.line(f"[{r.job.index}/{progress.total}] running {r.prompt_id}")
 
+    # Short waits when a timeout has to be noticed in time.
+    wait = max(0.05, min(1.0, opts.timeout / 4)) if opts.timeout else 1.0
     while pending:
         msg = None
         if events is not None:
             try:
-                msg = events.recv(timeout=1.0)
+                msg = events.recv(timeout=wait)
             except Exception as e:  # the socket died: carry on by polling
                 log.warning("websocket closed (%s): following the remaining jobs by polling /history", e)
                 events.close()

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import queue
+import select
 import struct
 import threading
 import time
@@ -53,7 +54,7 @@ class FakeComfy:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         threading.Thread(target=self._worker, daemon=True).start()
 
     def close(self) -> None:
@@ -263,8 +264,11 @@ class FakeComfy:
                     "exec_info": {"queue_remaining": 0}}}}).encode(), opcode=1))
                 try:
                     while not fake.stop.is_set():
+                        if select.select([self.connection], [], [], 0)[0] and _ws_read_is_close(self.rfile):
+                            self.wfile.write(_ws_frame(b"", opcode=8))  # answer the client's close
+                            break
                         try:
-                            frame = q.get(timeout=0.05)
+                            frame = q.get(timeout=0.02)
                         except queue.Empty:
                             continue
                         self.wfile.write(frame)
@@ -274,6 +278,20 @@ class FakeComfy:
                 self.close_connection = True
 
         return Handler
+
+
+def _ws_read_is_close(rfile) -> bool:
+    """Read one (masked) client frame; True when it is a close frame or the peer is gone."""
+    head = rfile.read(2)
+    if len(head) < 2:
+        return True
+    n = head[1] & 0x7F
+    if n == 126:
+        n = struct.unpack(">H", rfile.read(2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", rfile.read(8))[0]
+    rfile.read((4 if head[1] & 0x80 else 0) + n)
+    return head[0] & 0x0F == 8
 
 
 def _ws_frame(payload: bytes, opcode: int) -> bytes:
@@ -437,7 +455,7 @@ def test_unreachable_server_exits_2(tmp_path, capsys, photos):
     assert "cannot reach the ComfyUI server" in err
 
 
-def test_missing_websocket_client_falls_back_to_polling(fake, photos, tmp_path, capsys, monkeypatch):
+def test_missing_websocket_client_falls_back_to_polling(fake, photos, tmp_path, capsys, monkeypatch, caplog):
     import builtins
 
     real_import = builtins.__import__
@@ -451,7 +469,7 @@ def test_missing_websocket_client_falls_back_to_polling(fake, photos, tmp_path, 
     code, _, err = _run(["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png",
                          "--prompt", "hello", "--out", tmp_path / "o", "--poll-interval", "0.05"], capsys)
     assert code == 0
-    assert "websocket-client is not installed" in err
+    assert "websocket-client is not installed" in caplog.text
     assert not fake.clients  # nobody connected to /ws
 
 

@@ -48,7 +48,8 @@ def draw_preview(
         for (px, py), pc in zip(face.kps, POINT_COLOURS):
             draw.ellipse([px - r, py - r, px + r, py + r], fill=pc, outline=(0, 0, 0))
         label = f"#{idx}" + (" used" if idx in chosen_set else "") + f" {face.score:.2f}"
-        tx, ty = x1, max(0.0, y1 - font.size - 4 * unit) if hasattr(font, "size") else max(0.0, y1 - 14)
+        text_h = getattr(font, "size", 11)
+        tx, ty = x1, max(0.0, y1 - text_h - 4 * unit)
         box = draw.textbbox((tx, ty), label, font=font)
         draw.rectangle(box, fill=(0, 0, 0))
         draw.text((tx, ty), label, fill=colour, font=font)

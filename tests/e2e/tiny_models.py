@@ -15,7 +15,7 @@ the file names it wrote. Nothing here is downloaded: every weight is drawn from 
   UMT5 files. ComfyUI reads UMT5's sizes from a fixed JSON, so the e2e support pack loads this
   file through ``comfy.sd.load_clip`` with the small sizes (kept in the file's metadata).
 * Lynx adapters: full (official folder layout) and lite (one combined file) for that DiT.
-* ArcFace: a small ONNX network with ArcFace's interface (1x3x112x112 -> 1x512), and the
+* ArcFace: a random IR-SE50 (the real architecture, in models/facexlib), and the
   public-domain astronaut portrait from scikit-image as the face photo.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ VAE_NAME = "lynx_tiny_wan_vae.safetensors"
 TE_NAME = "lynx_tiny_umt5.safetensors"
 FULL_NAME = "lynx_tiny_full"
 LITE_NAME = "lynx_tiny_lite.safetensors"
-ARCFACE_NAME = "recognition_arcface_ir_se50.onnx"
+ARCFACE_NAME = "recognition_arcface_ir_se50.pth"
 FACE_NAME = "lynx_e2e_face.png"
 
 DIT_DIM = 256
@@ -125,19 +125,11 @@ def build_adapters(lynx_dir: Path) -> None:
 
 
 def build_arcface(path: Path) -> None:
-    class TinyArcFace(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 16, 8, stride=8)
-            self.fc = torch.nn.Linear(16 * 14 * 14, 512)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).flatten(1))
+    """A random IR-SE50 (the real architecture, so the default torch ArcFace backend runs)."""
+    from lynx_core.face.arcface import IRSE50
 
     torch.manual_seed(4)
-    torch.onnx.export(TinyArcFace().eval(), torch.zeros(1, 3, 112, 112), str(path), input_names=["input"],
-                      output_names=["embedding"], dynamic_axes={"input": {0: "n"}, "embedding": {0: "n"}},
-                      dynamo=False)
+    torch.save(IRSE50().eval().state_dict(), str(path))
 
 
 def build_all(models_dir: Path, input_dir: Path) -> dict[str, str]:

@@ -1,0 +1,607 @@
+"""Block swap: stream the weights of swapped blocks through a ring of GPU buffers.
+
+How a swapped block runs (CUDA):
+
+* its weights live on the host as *masters*, made once, pinned where allowed, optionally fp8;
+* a dedicated copy stream copies them host-to-device into a free ring slot and records a
+  ``ready`` event; the compute stream waits on that event (the host never waits);
+* while the block runs, its parameters' ``.data`` point into the slot, so the original module
+  (lynx_core's block, ComfyUI's block and everything that reads ``module.weight``) computes with
+  the streamed copy; afterwards they point back at the host master (nothing is copied back);
+* a ``free`` event recorded after the block's kernels lets the copy stream reuse the slot for the
+  next block, which it starts as soon as the slot is free, overlapping the current compute.
+
+On other devices (CPU in the tests) the copies are plain synchronous copies, but the ring, the
+pointer switching, the host masters and fp8 storage run the same code.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .host import (ALIGN, align_up, allocate_host, fmt_bytes, fp8_quantize, pack_chunks,
+                   quantizable, release_cached_pinned_memory, view_bytes)
+from .plan import BlockSwapError, SwapPlan, _on, block_tensors, plan_block_swap
+
+log = logging.getLogger(__name__)
+
+# (block_index, block, x, e, freqs, context) -> x, as lynx_core.wan.model.BlockFn
+BlockFn = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter, nn.Buffer) if hasattr(nn, "Buffer") else (torch.Tensor, nn.Parameter)
+
+
+@dataclass
+class _Entry:
+    """One streamed tensor of a block."""
+    tensor: torch.Tensor                 # the Parameter/buffer object whose .data is switched
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype                   # the dtype the block computes with
+    rest: torch.Tensor | None = None     # what .data holds between uses (host master or kept original)
+    master: torch.Tensor | None = None   # host copy in storage dtype
+    scale: torch.Tensor | None = None    # fp32 row scales when master is fp8
+    offset: int = 0                      # byte offset in a ring slot
+    scale_offset: int = 0
+    restore_to: torch.device | None = None  # borrowed GPU original: copied back there on close
+
+
+@dataclass
+class _Stream:
+    index: int
+    entries: list[_Entry]
+    nbytes: int
+    needs_grad: bool
+
+
+class _Slot:
+    def __init__(self, buf: torch.Tensor):
+        self.buf = buf
+        self.block: int | None = None
+        self.ready = None   # copy finished (recorded on the copy stream)
+        self.free = None    # last compute that read the slot finished (recorded on the compute stream)
+        self.in_use = False
+
+
+@dataclass
+class BlockTiming:
+    """Debug timing of one block over the uses recorded so far (milliseconds, totals)."""
+    block: int
+    swapped: bool
+    uses: int = 0
+    loads: int = 0
+    copy_ms: float = 0.0
+    compute_ms: float = 0.0
+    stall_ms: float = 0.0
+
+
+class BlockSwapper:
+    """Runs a block list with the plan's swapped blocks streamed from host masters.
+
+    Use it as a context manager, or call :meth:`close` in a ``finally``: closing frees the ring
+    buffers (and, for a borrowed model, puts every weight back where it was). The host masters
+    stay, so the next run reuses them; a borrowed swapper re-attaches by itself on its next use.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], plan: SwapPlan, *, debug_timing: bool = False):
+        if len(blocks) != plan.num_blocks:
+            raise BlockSwapError(f"the plan was made for {plan.num_blocks} blocks but {len(blocks)} were given; "
+                                 "make the plan from the same block list")
+        self.blocks = blocks
+        self.plan = plan
+        self.device = plan.device
+        self.debug_timing = debug_timing
+        self._cuda = self.device.type == "cuda"
+        self._streams: dict[int, _Stream] = {}
+        self._order: list[int] = []
+        self._slots: list[_Slot] = []
+        self._slot_bytes = 0
+        self._staging: torch.Tensor | None = None
+        self._staging_bytes = 0
+        self._copy_stream = None
+        self._chunks: list[torch.Tensor] = []
+        self._attached = False
+        self._records: list[tuple] = []
+        #: Block loads issued so far (each one host-to-device copy of a block).
+        self.loads = 0
+        #: Host RAM pinned / left pageable for the masters (bytes, real allocation).
+        self.pinned_bytes = 0
+        self.pageable_bytes = 0
+        self.attach()
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "BlockSwapper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @property
+    def ring_allocated(self) -> bool:
+        return bool(self._slots)
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory the ring (and fp8 staging) takes while allocated."""
+        return len(self._slots) * self._slot_bytes + self._staging_bytes if self._slots else 0
+
+    def masters(self, index: int) -> dict[str, torch.Tensor]:
+        """Host masters of a streamed block by parameter name (fp8 ones as stored)."""
+        st = self._streams.get(index)
+        return {} if st is None else {e.name: e.master for e in st.entries}
+
+    def attach(self) -> None:
+        """Make the host masters and put resident blocks on the device (once; idempotent)."""
+        if self._attached:
+            return
+        with torch.no_grad(), torch.inference_mode(False):
+            if not self.plan.borrowed:
+                for b in self.plan.resident:
+                    for _name, t in block_tensors(self.blocks[b]):
+                        if not _on(t, self.device):
+                            t.data = t.data.to(self.device)
+            self._build_entries()
+            self._build_masters()
+            self._layout()
+        self._attached = True
+        log.info("%s\n  host masters: %s pinned, %s pageable", self.plan.describe(),
+                 fmt_bytes(self.pinned_bytes), fmt_bytes(self.pageable_bytes))
+
+    def close(self) -> None:
+        """Free the ring; for a borrowed model also restore every weight. Safe to call twice."""
+        if self._cuda and self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        for st in self._streams.values():
+            for e in st.entries:
+                e.tensor.data = e.rest  # in case a use was cut short in a way `finally` could not see
+        self._slots = []
+        self._staging = None
+        self._staging_bytes = 0
+        self._copy_stream = None
+        if self.plan.borrowed and self._attached:
+            with torch.no_grad(), torch.inference_mode(False):
+                for st in self._streams.values():
+                    for e in st.entries:
+                        if e.restore_to is not None:
+                            e.tensor.data = e.master.to(e.restore_to)
+            self._streams = {}
+            self._order = []
+            self._chunks = []
+            self.pinned_bytes = self.pageable_bytes = 0
+            self._attached = False
+            release_cached_pinned_memory()
+
+    # ------------------------------------------------------------------ building
+    def _build_entries(self) -> None:
+        plan, dev = self.plan, self.device
+        self._streams = {}
+        whole = set(plan.swapped)
+        for b in plan.streamed:
+            entries = []
+            needs_grad = False
+            for name, t in block_tensors(self.blocks[b]):
+                if b not in whole and _on(t, dev):
+                    continue  # a borrowed block's weights that are already on the device stay there
+                if type(t) not in _PLAIN_TENSORS:
+                    raise BlockSwapError(
+                        f"blocks.{b}.{name} is a {type(t).__name__}, not a plain tensor (GGUF or another "
+                        "quantized format?); block swap cannot stream it. Set blocks_to_swap to 0 and let "
+                        "ComfyUI offload this model.")
+                if t.device.type == "meta":
+                    raise BlockSwapError(f"blocks.{b}.{name} has no data (meta tensor); load the weights "
+                                         "before planning block swap")
+                needs_grad |= bool(t.requires_grad)
+                entries.append(_Entry(tensor=t, name=name, shape=t.shape, dtype=t.dtype))
+            self._streams[b] = _Stream(index=b, entries=entries, nbytes=0, needs_grad=needs_grad)
+        self._order = sorted(self._streams)
+
+    def _build_masters(self) -> None:
+        plan, dev = self.plan, self.device
+        want_pin = plan.pin and self._cuda
+        fp8 = plan.host_dtype
+        # Decide per tensor: quantize?  copy?  Items are (entry, kind) with kind "master" or "scale".
+        items: list[tuple[_Entry, str, int]] = []
+        src_of: dict[int, torch.Tensor] = {}
+        quant: dict[int, bool] = {}
+        for st in self._streams.values():
+            for e in st.entries:
+                src = e.tensor.data
+                src_of[id(e)] = src
+                q = fp8 is not None and quantizable(e.tensor) and not (plan.borrowed and src.device.type != "cpu")
+                quant[id(e)] = q
+                on_host = src.device.type == "cpu"
+                adoptable = not q and on_host and src.is_contiguous()
+                pinned = adoptable and want_pin and src.is_pinned()
+                if adoptable and (pinned or not want_pin):
+                    e.master = src  # already where it should be: no copy, no extra RAM
+                    continue
+                n = src.numel() * (1 if q else src.element_size())
+                items.append((e, "master", n))
+                if q:
+                    items.append((e, "scale", 4 * src.shape[0]))
+        budget = 0 if not want_pin else plan.pin_limit_bytes
+        packing = pack_chunks([n for _e, _k, n in items], budget=budget)
+        # Fill chunk by chunk so that, for an owned model, originals are released as we go and the
+        # RAM peak stays near one model copy plus one chunk.
+        by_chunk: dict[int, list[int]] = {}
+        for i, (c, _off) in enumerate(packing.place):
+            by_chunk.setdefault(c, []).append(i)
+        pending: dict[int, int] = {}
+        for e, _k, _n in items:
+            pending[id(e)] = pending.get(id(e), 0) + 1
+        quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._chunks = []
+        self.pinned_bytes = 0
+        self.pageable_bytes = 0
+        for c in sorted(by_chunk, key=lambda c: (c < 0, c)):
+            chunk = None
+            if c >= 0:
+                chunk = allocate_host(packing.chunk_sizes[c], pin=True)
+                self._chunks.append(chunk)
+                self.pinned_bytes += packing.chunk_sizes[c]
+            for i in by_chunk[c]:
+                e, kind, n = items[i]
+                src = src_of[id(e)]
+                if c < 0 and kind == "master" and not quant[id(e)] and src.device.type == "cpu" and src.is_contiguous():
+                    e.master = src  # over the pinning cap: the original serves, pageable
+                    self.pageable_bytes += n
+                else:
+                    if quant[id(e)] and id(e) not in quantized:
+                        quantized[id(e)] = fp8_quantize(src, fp8)
+                    if kind == "master":
+                        value = quantized[id(e)][0] if quant[id(e)] else src
+                    else:
+                        value = quantized[id(e)][1]
+                    if chunk is not None:
+                        dst = view_bytes(chunk, packing.place[i][1], value.dtype, value.shape)
+                    else:
+                        dst = torch.empty(value.shape, dtype=value.dtype)
+                        self.pageable_bytes += n
+                    dst.copy_(value)
+                    if kind == "master":
+                        e.master = dst
+                    else:
+                        e.scale = dst
+                pending[id(e)] -= 1
+                if pending[id(e)] == 0:
+                    quantized.pop(id(e), None)
+                    self._settle(e, src_of[id(e)], quant[id(e)])
+        for st in self._streams.values():
+            for e in st.entries:
+                if e.rest is None:  # adopted masters
+                    self._settle(e, src_of[id(e)], quant[id(e)])
+        src_of.clear()
+
+    def _settle(self, e: _Entry, src: torch.Tensor, quantized: bool) -> None:
+        """Point the tensor at what it holds between uses, and note how to restore it."""
+        if self.plan.borrowed:
+            if src.device.type != "cpu":
+                e.restore_to = src.device     # GPU original: released now, copied back on close
+                e.rest = e.master
+            else:
+                e.rest = src                  # host original: untouched between uses
+        else:
+            e.rest = e.master                 # owned: the host master is the weight from now on
+        e.tensor.data = e.rest
+
+    def _layout(self) -> None:
+        self._slot_bytes = 0
+        self._staging_bytes = 0
+        for st in self._streams.values():
+            off = 0
+            for e in st.entries:
+                e.offset = off
+                off += align_up(e.shape.numel() * _itemsize(e.dtype), ALIGN)
+                if e.scale is not None:
+                    e.scale_offset = off
+                    off += align_up(4 * e.shape[0], ALIGN)
+                    self._staging_bytes = max(self._staging_bytes, align_up(e.master.numel(), ALIGN))
+            st.nbytes = off
+            self._slot_bytes = max(self._slot_bytes, off)
+
+    # ------------------------------------------------------------------ the ring
+    def _ensure_ring(self) -> None:
+        if self._slots or not self._order:
+            return
+        n = min(self.plan.ring_size, len(self._order))
+        with torch.no_grad(), torch.inference_mode(False):
+            self._slots = [_Slot(torch.empty(self._slot_bytes, dtype=torch.uint8, device=self.device))
+                           for _ in range(n)]
+            if self._staging_bytes:
+                self._staging = torch.empty(self._staging_bytes, dtype=torch.uint8, device=self.device)
+        if self._cuda:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+
+    def _upcoming(self, after: int, k: int, busy: set[int]) -> list[int]:
+        order = self._order
+        start = bisect.bisect_right(order, after)
+        out: list[int] = []
+        for j in range(len(order)):
+            b = order[(start + j) % len(order)]
+            if b in busy or b in out:
+                continue
+            out.append(b)
+            if len(out) == k:
+                break
+        return out
+
+    def _prefetch(self, after: int) -> None:
+        """Start copying the next streamed blocks (in execution order, wrapping to the next
+        forward) into every slot that is not in use."""
+        self._ensure_ring()
+        free = [s for s in self._slots if not s.in_use]
+        if not free:
+            return
+        busy = {s.block for s in self._slots if s.in_use}
+        targets = self._upcoming(after, len(free), busy)
+        held = {s.block for s in free}
+        spare = sorted((s for s in free if s.block not in targets), key=lambda s: s.block is not None)
+        for b in targets:
+            if b in held:
+                continue
+            if not spare:
+                break
+            self._load(spare.pop(0), b)
+
+    def _slot_for(self, index: int) -> _Slot:
+        for s in self._slots:
+            if s.block == index and not s.in_use:
+                return s
+        free = [s for s in self._slots if not s.in_use]
+        if not free:
+            raise BlockSwapError("every ring slot is in use (nested block calls?); raise ring_size")
+        free.sort(key=lambda s: s.block is not None)
+        self._load(free[0], index)
+        return free[0]
+
+    def _load(self, slot: _Slot, index: int) -> None:
+        st = self._streams[index]
+        slot.block = None  # a load cut short must not leave a half-filled slot marked valid
+        slot.ready = None
+        if self._cuda:
+            stream = self._copy_stream
+            with torch.cuda.stream(stream):
+                if slot.free is not None:
+                    stream.wait_event(slot.free)
+                t0 = self._event(stream) if self.debug_timing else None
+                self._copy_into(st, slot.buf)
+                if t0 is not None:
+                    self._records.append(("copy", index, t0, self._event(stream)))
+                ready = torch.cuda.Event()
+                ready.record(stream)
+            slot.ready = ready
+        else:
+            t = time.perf_counter()
+            self._copy_into(st, slot.buf)
+            if self.debug_timing:
+                self._records.append(("copy", index, t, time.perf_counter()))
+        slot.block = index
+        self.loads += 1
+
+    def _copy_into(self, st: _Stream, buf: torch.Tensor) -> None:
+        with torch.no_grad():
+            for e in st.entries:
+                dst = view_bytes(buf, e.offset, e.dtype, e.shape)
+                if e.scale is None:
+                    dst.copy_(e.master, non_blocking=True)
+                    continue
+                # fp8 on the host: bring the bytes over, upcast on the device, apply the row scales.
+                stage = view_bytes(self._staging, 0, e.master.dtype, e.shape)
+                stage.copy_(e.master, non_blocking=True)
+                dst.copy_(stage)
+                scale = view_bytes(buf, e.scale_offset, torch.float32, (e.shape[0],))
+                scale.copy_(e.scale, non_blocking=True)
+                dst.mul_(scale.view((-1,) + (1,) * (len(e.shape) - 1)))
+
+    def _event(self, stream):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    # ------------------------------------------------------------------ running blocks
+    @contextmanager
+    def use(self, index: int) -> Iterator[nn.Module]:
+        """Make block ``index`` computable on the device for the body of the ``with``.
+
+        Yields the original block module. For a swapped block its weights point into a ring slot
+        that the compute stream has waited for; on exit they point back at the host masters, even
+        when the body raises.
+        """
+        if not self._attached:
+            self.attach()
+        st = self._streams.get(index)
+        if st is None:
+            if self._order:
+                self._prefetch(index)
+            with self._timed("compute", index):
+                yield self.blocks[index]
+            return
+        if st.needs_grad and torch.is_grad_enabled():
+            raise BlockSwapError(f"block {index} is swapped and has parameters that require grad; block swap "
+                                 "is for inference: run under torch.no_grad() or freeze the weights")
+        self._ensure_ring()
+        slot = self._slot_for(index)
+        slot.in_use = True
+        try:
+            self._wait(slot, index)
+            with torch.no_grad(), torch.inference_mode(False):
+                for e in st.entries:
+                    e.tensor.data = view_bytes(slot.buf, e.offset, e.dtype, e.shape)
+            self._prefetch(index)
+            with self._timed("compute", index):
+                yield self.blocks[index]
+        finally:
+            for e in st.entries:
+                e.tensor.data = e.rest
+            if self._cuda:
+                free = torch.cuda.Event()
+                free.record(torch.cuda.current_stream(self.device))
+                slot.free = free
+            slot.in_use = False
+
+    def _wait(self, slot: _Slot, index: int) -> None:
+        if not self._cuda or slot.ready is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        t0 = self._event(compute) if self.debug_timing else None
+        compute.wait_event(slot.ready)
+        if t0 is not None:
+            self._records.append(("stall", index, t0, self._event(compute)))
+
+    @contextmanager
+    def _timed(self, kind: str, index: int):
+        if not self.debug_timing:
+            yield
+            return
+        if self._cuda:
+            compute = torch.cuda.current_stream(self.device)
+            t0 = self._event(compute)
+            try:
+                yield
+            finally:
+                self._records.append((kind, index, t0, self._event(compute)))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._records.append((kind, index, t0, time.perf_counter()))
+
+    def wrap(self, block_fn: Optional[BlockFn] = None, *, attention=None) -> BlockFn:
+        """A BlockFn that runs ``block_fn`` (default: the block's own forward) inside :meth:`use`."""
+        def run(index, block, x, e, freqs, context):
+            with self.use(index) as blk:
+                if block_fn is not None:
+                    return block_fn(index, blk, x, e, freqs, context)
+                attn = attention
+                if attn is None:
+                    from ..attention import get_attention
+                    attn = get_attention()
+                return blk(x, e, freqs, context, attention=attn)
+        return run
+
+    def block_runner(self, model: nn.Module) -> Callable:
+        """Drop-in for ``WanModel.run_blocks``: ``runner(tokens, e, freqs, ctx, block_fn=None)``."""
+        if model.blocks is not self.blocks:
+            raise BlockSwapError("block_runner: this swapper was made for another block list; build it from "
+                                 "model.blocks")
+
+        def run(tokens, e, freqs, ctx, block_fn: Optional[BlockFn] = None):
+            fn = self.wrap(block_fn, attention=getattr(model, "attention", None))
+            for i, block in enumerate(model.blocks):
+                tokens = fn(i, block, tokens, e, freqs, ctx)
+            return tokens
+        return run
+
+    def replace_patch(self, index: int, inner: Optional[Callable] = None) -> Callable[[dict, dict], dict]:
+        """A ComfyUI-style block replace patch ``patch(args, extra) -> dict`` for block ``index``.
+
+        Runs ``inner(args, extra)`` (e.g. the Lynx block patch) or, without one,
+        ``extra["original_block"](args)``, with the block's weights on the device. Plain dicts only:
+        registering it with the model patcher is the caller's job.
+        """
+        def patch(args: dict, extra: dict) -> dict:
+            with self.use(index):
+                if inner is not None:
+                    return inner(args, extra)
+                return extra["original_block"](args)
+        return patch
+
+    # ------------------------------------------------------------------ debug timing
+    def timings(self) -> list[BlockTiming]:
+        """Per-block totals of copy, compute and stall time since the last reset (needs
+        ``debug_timing=True``; waits for the device to finish the recorded work)."""
+        if self._cuda and self._records:
+            torch.cuda.synchronize(self.device)
+        out: dict[int, BlockTiming] = {}
+        for kind, index, t0, t1 in self._records:
+            ms = t0.elapsed_time(t1) if self._cuda else (t1 - t0) * 1e3
+            bt = out.setdefault(index, BlockTiming(block=index, swapped=index in self._streams))
+            if kind == "copy":
+                bt.loads += 1
+                bt.copy_ms += ms
+            elif kind == "stall":
+                bt.stall_ms += ms
+            else:
+                bt.uses += 1
+                bt.compute_ms += ms
+        return [out[k] for k in sorted(out)]
+
+    def reset_timings(self) -> None:
+        self._records = []
+
+    def timing_report(self) -> str:
+        rows = self.timings()
+        if not rows:
+            return "block swap timing: nothing recorded (debug_timing is off or no block ran)"
+        lines = ["block  kind      uses loads  copy ms/load  compute ms/use  stall ms/use"]
+        for r in rows:
+            lines.append(f"{r.block:5d}  {'swapped' if r.swapped else 'resident':8s} {r.uses:5d} {r.loads:5d} "
+                         f"{r.copy_ms / max(r.loads, 1):13.2f} {r.compute_ms / max(r.uses, 1):15.2f} "
+                         f"{r.stall_ms / max(r.uses, 1):13.2f}")
+        tot_c = sum(r.compute_ms for r in rows)
+        tot_s = sum(r.stall_ms for r in rows)
+        tot_copy = sum(r.copy_ms for r in rows)
+        lines.append(f"total: compute {tot_c:.1f} ms, copy {tot_copy:.1f} ms (overlapped), stall {tot_s:.1f} ms")
+        return "\n".join(lines)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers for callers
+# ------------------------------------------------------------------------------------------------
+
+def attach_block_swap(blocks: Sequence[nn.Module], blocks_to_swap: int | str, device, *,
+                      debug_timing: bool = False, **plan_options) -> BlockSwapper:
+    """Plan and attach in one call (the entry point for ComfyUI's node layer).
+
+    ``blocks`` is the diffusion model's block list with the original Wan names (ComfyUI:
+    ``model_patcher.model.diffusion_model.blocks``); ``plan_options`` go to
+    :func:`plan_block_swap` (tokens, batch, host_dtype, pin, pin_limit_bytes, ring_size,
+    vram_cap_bytes, reserve_bytes, borrowed, ...). Returns the attached swapper; close it when the
+    sampling run ends.
+    """
+    plan = plan_block_swap(blocks, blocks_to_swap, device, **plan_options)
+    return BlockSwapper(blocks, plan, debug_timing=debug_timing)
+
+
+def move_non_block_parts(model: nn.Module, device) -> None:
+    """Put everything of a DiT except ``model.blocks`` on ``device`` (embeddings, head: < 1 GB)."""
+    for name, child in model.named_children():
+        if name != "blocks":
+            child.to(device)
+    for t in list(model._parameters.values()) + list(model._buffers.values()):
+        if t is not None:
+            t.data = t.data.to(device)
+
+
+@contextmanager
+def borrow_to_device(module: nn.Module, device, *, non_blocking: bool = False) -> Iterator[nn.Module]:
+    """Temporary device copies of a module's weights, host-to-device only: on exit the module points
+    at its original tensors again and the device copies are dropped (no copy back)."""
+    dev = torch.device(device)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for _name, t in block_tensors(module):
+                if not _on(t, dev):
+                    saved.append((t, t.data))
+                    t.data = t.data.to(dev, non_blocking=non_blocking)
+        yield module
+    finally:
+        for t, data in saved:
+            t.data = data

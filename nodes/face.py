@@ -1,0 +1,193 @@
+"""LynxEncodeFaceID and LynxFaceSimilarity: the face pipeline of lynx_core on ComfyUI IMAGEs."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+
+from . import comfy_env
+from .payloads import LYNX_FACE
+
+log = logging.getLogger(__name__)
+
+DETECTORS = ["auto", "mtcnn", "insightface:buffalo_l", "insightface:antelopev2"]
+SELECT = ["largest", "index", "all"]
+ARCFACE_BACKENDS = ["torch", "onnx"]
+ON_NO_FACE = {"error": "error", "pass_through": "skip"}
+
+_DETECTOR_TIP = ("Face detector for the 5 landmarks. auto: the insightface pack buffalo_l (the official one) "
+                 "or antelopev2 from models/insightface/models/ when present, else the built-in MTCNN "
+                 "(no download; landmarks differ slightly from the official ones).")
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """ComfyUI IMAGE [N, H, W, C] float in [0, 1] -> uint8 RGB [N, H, W, 3]."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError("image: expected a ComfyUI IMAGE batch [N, H, W, C]")
+    arr = images.detach().to("cpu", torch.float32)[..., :3]
+    if arr.shape[-1] == 1:
+        arr = arr.expand(-1, -1, -1, 3)
+    return (arr.clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def uint8_to_images(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32) / 255.0
+
+
+def compute_device():
+    try:
+        import comfy.model_management as mm
+
+        return mm.get_torch_device()
+    except ImportError:
+        return torch.device("cpu")
+
+
+def make_analyzer(detector: str, arcface_backend: str = "torch"):
+    from lynx_core.face.analyzer import FaceAnalyzer
+
+    if detector not in DETECTORS and not detector.startswith("insightface:"):
+        raise ValueError(f"detector: unknown choice {detector!r}; use one of {DETECTORS}")
+    if arcface_backend not in ARCFACE_BACKENDS:
+        raise ValueError(f"arcface_backend: unknown choice {arcface_backend!r}; use torch or onnx")
+    return FaceAnalyzer(detector=detector, models_dirs=comfy_env.models_root_dirs(),
+                        arcface_backend=arcface_backend, device=compute_device())
+
+
+class LynxEncodeFaceID:
+    DESCRIPTION = ("Finds the face in one or more photos of one person and computes the Lynx identity: the "
+                   "ArcFace embedding (averaged over all photos), the 5 landmarks and the aligned crops.")
+    CATEGORY = "Lynx/face"
+    RETURN_TYPES = (LYNX_FACE, "IMAGE", "IMAGE")
+    RETURN_NAMES = ("face", "preview", "aligned_face")
+    OUTPUT_TOOLTIPS = ("The identity, for Lynx Encode Reference and Lynx Sampler.",
+                       "The input photos with the detected faces: boxes, the 5 points and left-to-right "
+                       "indices; used faces in green.",
+                       "The 256 px aligned face used as the Ref-adapter's reference image.")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch averages the identity)."}),
+            "detector": (DETECTORS, {"default": "auto", "tooltip": _DETECTOR_TIP}),
+            "face_select": (SELECT, {"default": "largest",
+                            "tooltip": "Which face when a photo shows several: largest (the official rule), the "
+                                       "one at face_index (numbered left to right from 0), or all of them (averaged)."}),
+            "face_index": ("INT", {"default": 0, "min": 0, "max": 64,
+                                   "tooltip": "With face_select = index: the face to use, counted left to right from 0 "
+                                              "(the preview shows the numbers)."}),
+            "arcface_backend": (ARCFACE_BACKENDS, {"default": "torch",
+                                "tooltip": "Run ArcFace IR-SE50 (models/facexlib/recognition_arcface_ir_se50.pth) "
+                                           "with PyTorch or with onnxruntime (exported once next to the .pth)."}),
+            "on_no_face": (list(ON_NO_FACE), {"default": "error",
+                           "tooltip": "error: stop when a photo has no usable face. pass_through: skip it; with no "
+                                      "face at all the video is made without an identity (keeps batch queues running)."}),
+        }}
+
+    def encode(self, image, detector, face_select, face_index, arcface_backend, on_no_face):
+        if on_no_face not in ON_NO_FACE:
+            raise ValueError(f"on_no_face: unknown choice {on_no_face!r}; use error or pass_through")
+        pixels = images_to_uint8(image)
+        analyzer = make_analyzer(detector, arcface_backend)
+        identity = analyzer.encode(pixels, select=face_select, index=int(face_index), on_no_face=ON_NO_FACE[on_no_face])
+        log.info("Lynx face: %s", identity.summary().replace("\n", " | "))
+        preview = uint8_to_images(np.stack(analyzer.previews(pixels, identity)))
+        if len(identity.crop256):
+            aligned = uint8_to_images(identity.crop256)
+        else:
+            aligned = torch.full((1, 256, 256, 3), 0.5)
+        return (identity, preview, aligned)
+
+
+def cosine_per_frame(analyzer, frames: np.ndarray, reference: torch.Tensor) -> list[float | None]:
+    """ArcFace cosine similarity of the largest face in each frame to ``reference`` (None: no face)."""
+    ref = reference.detach().float().cpu().reshape(-1)
+    ref = ref / ref.norm().clamp_min(1e-12)
+    scores: list[float | None] = []
+    for frame in frames:
+        comfy_env.throw_if_interrupted()
+        ident = analyzer.encode(frame[None], select="largest", on_no_face="skip")
+        if ident.embedding is None:
+            scores.append(None)
+            continue
+        emb = ident.embedding.detach().float().cpu().reshape(-1)
+        scores.append(float(torch.dot(emb / emb.norm().clamp_min(1e-12), ref)))
+    return scores
+
+
+def similarity_plot(scores: list[float | None], width: int = 768, height: int = 320) -> np.ndarray:
+    """A line chart of the per-frame similarity (frames without a face are marked at the bottom)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (width, height), (24, 24, 28))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 48, width - 16, 28, height - 32
+    lo, hi = -0.2, 1.0
+    valid = [s for s in scores if s is not None]
+    if valid:
+        lo = min(lo, min(valid))
+
+    def ypos(v: float) -> float:
+        return bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+    for v in np.arange(0.0, 1.01, 0.2):
+        y = ypos(float(v))
+        draw.line([(left, y), (right, y)], fill=(60, 60, 68))
+        draw.text((6, y - 6), f"{v:.1f}", fill=(170, 170, 170), font=font)
+    n = max(1, len(scores) - 1)
+
+    def xpos(i: int) -> float:
+        return left + (right - left) * (i / n if len(scores) > 1 else 0.5)
+
+    points = [(xpos(i), ypos(s)) for i, s in enumerate(scores) if s is not None]
+    if len(points) > 1:
+        draw.line(points, fill=(90, 200, 255), width=2)
+    for x, y in points:
+        draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=(90, 200, 255))
+    for i, s in enumerate(scores):
+        if s is None:
+            x = xpos(i)
+            draw.line([(x, bottom - 6), (x, bottom)], fill=(255, 90, 90), width=2)
+    mean = float(np.mean(valid)) if valid else float("nan")
+    if valid:
+        draw.line([(left, ypos(mean)), (right, ypos(mean))], fill=(255, 200, 60))
+    title = (f"ArcFace similarity to the reference face: mean {mean:.3f} over {len(valid)}/{len(scores)} frames"
+             if valid else f"No face found in any of the {len(scores)} frames")
+    draw.text((left, 8), title, fill=(230, 230, 230), font=font)
+    draw.text((left, bottom + 10), "frame 0", fill=(170, 170, 170), font=font)
+    draw.text((right - 60, bottom + 10), f"frame {len(scores) - 1}", fill=(170, 170, 170), font=font)
+    return np.asarray(img, dtype=np.uint8)
+
+
+class LynxFaceSimilarity:
+    DESCRIPTION = ("Face resemblance of a video to the reference person (the paper's metric): ArcFace cosine "
+                   "similarity of the face in every frame to the Lynx identity.")
+    CATEGORY = "Lynx/face"
+    RETURN_TYPES = ("FLOAT", "STRING", "IMAGE")
+    RETURN_NAMES = ("mean_similarity", "per_frame", "plot")
+    OUTPUT_TOOLTIPS = ("Mean cosine similarity over the frames where a face was found (0 when none was).",
+                       "JSON list with one value per frame (null where no face was found).",
+                       "A chart of the per-frame similarity.")
+    FUNCTION = "score"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The decoded video frames (VAE Decode output)."}),
+            "face": (LYNX_FACE, {"tooltip": "The identity to compare with (Lynx Encode Face ID)."}),
+            "detector": (DETECTORS, {"default": "auto", "tooltip": _DETECTOR_TIP}),
+        }}
+
+    def score(self, images, face, detector):
+        if getattr(face, "embedding", None) is None:
+            raise ValueError("face: this identity has no embedding (no face was found in the photo); "
+                             "use a photo with a visible face in Lynx Encode Face ID")
+        scores = cosine_per_frame(make_analyzer(detector), images_to_uint8(images), face.embedding)
+        valid = [s for s in scores if s is not None]
+        mean = float(np.mean(valid)) if valid else 0.0
+        plot = uint8_to_images(similarity_plot(scores)[None])
+        return (mean, json.dumps([None if s is None else round(s, 6) for s in scores]), plot)

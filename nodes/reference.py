@@ -1,0 +1,142 @@
+"""LynxEncodeReference: the Ref-adapter's reference features, computed once per face.
+
+Spec §5.2: the 256 px aligned face (and a mid-grey image for the unconditional pass) goes through
+the Wan VAE as a posterior *sample* with the official noise (CPU generator, seed + 1, bf16), is
+normalised with the model's latent format, and runs once through the user's Wan model at t = 0
+with the UMT5 embedding of "image of a face". Every block's modulated, normalised self-attention
+input is kept (``lynx_core.block.wan_block_forward``'s capture) and reused by every denoising step.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lynx_core.block import wan_block_forward
+from lynx_core.reference import REFERENCE_PROMPT
+from lynx_core.seeds import reference_noise
+
+from .payloads import LYNX_ADAPTERS, LYNX_FACE, LYNX_REF, AdaptersHandle, ReferenceFeatures
+from .wan_patch import check_model_fits, comfy_attention, comfy_rope, wan_diffusion_model
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def vae_posterior_sample(vae, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Encode ``pixels`` (IMAGE [1, H, W, 3]) and draw mean + std·ε with the official ε.
+
+    ComfyUI's VAE returns the posterior mean only; the log-variance is read off the Wan VAE's
+    final 1×1 conv (``conv1``), whose output is [mean, logvar]. VAEs without it (or a tiled
+    fallback encode) give the mean, with a warning.
+    """
+    fsm = getattr(vae, "first_stage_model", None)
+    conv = getattr(fsm, "conv1", None)
+    captured: list[torch.Tensor] = []
+    handle = conv.register_forward_hook(lambda _m, _i, out: captured.append(out.detach())) if conv is not None else None
+    try:
+        mean = vae.encode(pixels)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if len(captured) == 1 and captured[0].shape[1] == 2 * mean.shape[1] and captured[0].shape[2:] == mean.shape[2:]:
+        mu, logvar = captured[0].chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        eps = reference_noise(seed, tuple(mu.shape), device=mu.device).to(mu.dtype)
+        return (mu + std * eps).to(mean.device, torch.float32)
+    log.warning("reference: the VAE did not expose its posterior variance; using the posterior mean "
+                "(the official code samples it with seed + 1)")
+    return mean
+
+
+def encode_text(clip, text: str) -> torch.Tensor:
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens(tokens)
+
+
+class _CapturePatch:
+    def __init__(self, index: int, blocks, store: dict, keep_device):
+        self.index, self.blocks, self.store, self.keep_device = index, blocks, store, keep_device
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        def keep(n1: torch.Tensor) -> None:
+            self.store[self.index] = n1.detach().to(self.keep_device)
+
+        to = args.get("transformer_options", {}) or {}
+        out = wan_block_forward(self.blocks[self.index], args["img"], args["vec"], args["pe"], args["txt"],
+                                rope=comfy_rope, attention=comfy_attention(to), capture=keep)
+        return {"img": out}
+
+
+def reference_pass(model, latent: torch.Tensor, context: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Run the Wan model once at t = 0 and return every block's captured input [1, tokens, dim]."""
+    import comfy.model_management as mm
+
+    dm, _dim, num_blocks = wan_diffusion_model(model)
+    store: dict[int, torch.Tensor] = {}
+    clone = model.clone()
+    blocks = list(dm.blocks)
+    keep = mm.unet_offload_device()
+    for i in range(num_blocks):
+        clone.set_model_patch_replace(_CapturePatch(i, blocks, store, keep), "dit", "double_block", i)
+    mm.load_models_gpu([clone])
+    device = clone.load_device
+    x = latent.to(device)
+    sigma = torch.zeros((x.shape[0],), device=device, dtype=torch.float32)
+    with torch.no_grad():
+        clone.model.apply_model(x, sigma, c_crossattn=context.to(device),
+                                transformer_options=clone.model_options["transformer_options"].copy())
+    if len(store) != num_blocks:
+        raise RuntimeError(f"reference pass captured {len(store)} of {num_blocks} blocks; another node pack may "
+                           "replace the Wan blocks (patches_replace 'dit') of this model")
+    return store
+
+
+class LynxEncodeReference:
+    DESCRIPTION = ("Reference features for the Ref-adapter (full adapters): the aligned face is VAE-encoded and "
+                   "run once through the Wan model at t = 0 with the text \"image of a face\". Computed once, "
+                   "reused by every step.")
+    CATEGORY = "Lynx/face"
+    RETURN_TYPES = (LYNX_REF,)
+    RETURN_NAMES = ("reference",)
+    OUTPUT_TOOLTIPS = ("Connect to the reference input of Lynx Sampler / Lynx Guider.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The same Wan model that Lynx Sampler uses (LoRAs included)."}),
+            "vae": ("VAE", {"tooltip": "The Wan 2.1 VAE (wan_2.1_vae)."}),
+            "clip": ("CLIP", {"tooltip": "The Wan UMT5-XXL text encoder (CLIP Loader, type wan); encodes "
+                                         "\"image of a face\" for the reference pass."}),
+            "face": (LYNX_FACE, {"tooltip": "From Lynx Encode Face ID; its 256 px aligned face is the reference."}),
+            "adapters": (LYNX_ADAPTERS, {"tooltip": "From Load Lynx Adapters (checks that model and adapters fit; "
+                                                    "lite adapters have no Ref-adapter and skip this work)."}),
+            "seed": ("INT", {"default": 42, "min": 0, "max": MAX_SEED,
+                             "tooltip": "The VAE posterior noise uses seed + 1, as the official code; use the "
+                                        "sampler's seed to reproduce the official run."}),
+        }}
+
+    def encode(self, model, vae, clip, face, adapters, seed):
+        if not isinstance(adapters, AdaptersHandle):
+            raise TypeError("adapters: connect the output of Load Lynx Adapters")
+        _dm, dim, num_blocks = check_model_fits(model, adapters.adapters)
+        if not adapters.has_ref:
+            log.info("Lynx Encode Reference: %s adapters have no Ref-adapter; nothing to compute", adapters.variant)
+            return (ReferenceFeatures(cond={}, uncond={}, dim=dim, num_blocks=num_blocks, seed=int(seed)),)
+        crop = getattr(face, "reference_crop", None)
+        if crop is None:
+            raise ValueError("face: no face was found in the photo, so there is no reference image. Use a photo with "
+                             "a visible face, or set ref_scale to 0 in the sampler and remove this node.")
+        if clip is None:
+            raise ValueError("clip: connect the Wan UMT5 text encoder (CLIP Loader, type wan)")
+        pixels = torch.from_numpy(crop.copy()).to(torch.float32).div(255.0).unsqueeze(0)
+        grey = torch.full_like(pixels, 0.5)  # 0 in the VAE's [-1, 1] range: the official uncond image
+        latent_format = model.get_model_object("latent_format")
+        context = encode_text(clip, REFERENCE_PROMPT)
+        feats = []
+        for px in (pixels, grey):
+            z = latent_format.process_in(vae_posterior_sample(vae, px, int(seed)))
+            feats.append(reference_pass(model, z, context))
+        return (ReferenceFeatures(cond=feats[0], uncond=feats[1], dim=dim, num_blocks=num_blocks, seed=int(seed)),)

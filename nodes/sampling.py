@@ -1,0 +1,227 @@
+"""LynxSampler and LynxGuider: patch a clone of the user's Wan MODEL and sample through ComfyUI."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from lynx_core.lynx import LynxPatch, make_conditioning
+from lynx_core.sampling.schedule import flow_sigmas
+
+from . import comfy_env
+from .guider import guider_class
+from .payloads import LYNX_ADAPTERS, LYNX_FACE, LYNX_REF, AdaptersHandle, ReferenceFeatures
+from .wan_patch import LynxRunState, check_model_fits, patch_model
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "Lynx/sampling"
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _guidance_inputs() -> dict:
+    """Inputs shared by LynxSampler and LynxGuider (the order is the widget order)."""
+    return {
+        "model": ("MODEL", {"tooltip": "Wan2.1-T2V-14B (or a Wan2.2-A14B T2V expert) from any loader: "
+                            "fp16/bf16, fp8-scaled, GGUF, with LoRAs applied. It is not modified: Lynx patches a copy."}),
+        "adapters": (LYNX_ADAPTERS, {"tooltip": "From Load Lynx Adapters (full or lite)."}),
+        "face": (LYNX_FACE, {"tooltip": "The identity from Lynx Encode Face ID."}),
+        "positive": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode with the Wan UMT5 text encoder."}),
+        "negative": ("CONDITIONING", {"tooltip": "The negative prompt (CLIP Text Encode). Lynx's image-guidance "
+                                      "pass also uses it, with the face."}),
+    }
+
+
+def _guidance_scales() -> dict:
+    return {
+        "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                          "tooltip": "Text guidance g (official 5.0): how strongly the prompt is followed. "
+                                     "≤ 1 disables guidance (one pass per step)."}),
+        "cfg_id": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                             "tooltip": "Identity (image) guidance g_i (official 2.0) of the three-pass formula "
+                                        "u + g_i·(i − u) + g·(c − i). ≤ 1 switches to plain two-pass CFG "
+                                        "(faster: 2 model passes per step instead of 3; lite models use that)."}),
+        "ip_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05,
+                               "tooltip": "Strength of the ID-adapter (face identity tokens in the text cross-attention). "
+                                          "0 turns it off."}),
+        "ref_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05,
+                                "tooltip": "Strength of the Ref-adapter (reference-face features in self-attention; "
+                                           "full adapters only). 0 turns it off and makes the reference input unnecessary."}),
+        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "First part of the sampling (fraction of the steps) in which the adapters act."}),
+        "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "The adapters act up to this fraction of the steps (1.0 = to the end). "
+                                             "Steps outside the window run the plain Wan model."}),
+    }
+
+
+def _swap_input() -> dict:
+    return {"blocks_to_swap": ("INT", {"default": 0, "min": -1, "max": 40,
+                                       "tooltip": "Transformer blocks kept in CPU memory and streamed to the GPU "
+                                                  "(block swap, for 24 GB cards). 0 = ComfyUI's own memory management; "
+                                                  "-1 = choose from free VRAM."})}
+
+
+def _reference_input() -> dict:
+    return {"reference": (LYNX_REF, {"tooltip": "From Lynx Encode Reference. Needed by full adapters unless "
+                                                "ref_scale is 0; lite adapters have no Ref-adapter and ignore it."})}
+
+
+def check_blocks_to_swap(blocks_to_swap: int) -> int:
+    """0 = ComfyUI's memory management. Block swap arrives with ``lynx_core.offload``."""
+    n = int(blocks_to_swap)
+    if n == 0:
+        return 0
+    if importlib.util.find_spec("lynx_core.offload") is None:
+        if n == -1:
+            log.info("blocks_to_swap=-1: block swap is not part of this version; ComfyUI's memory management is used")
+            return 0
+        raise ValueError(
+            f"blocks_to_swap={n}: block swap is not available in this version of ComfyUI-Lynx. Set it to 0 "
+            "(ComfyUI then loads as much of the model as fits and streams the rest itself), or -1.")
+    raise ValueError(
+        f"blocks_to_swap={n}: this version of the Lynx nodes cannot use lynx_core.offload yet; set it to 0.")
+
+
+def _adapters(adapters) -> AdaptersHandle:
+    if not isinstance(adapters, AdaptersHandle):
+        raise TypeError("adapters: connect the output of Load Lynx Adapters")
+    return adapters
+
+
+def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scale, ref_scale,
+                 start_percent, end_percent, blocks_to_swap, reference=None, official_sigmas=None):
+    """Clone + patch ``model`` and return a ready Lynx guider (positive/negative set)."""
+    handle = _adapters(adapters)
+    check_blocks_to_swap(blocks_to_swap)
+    _dm, dim, num_blocks = check_model_fits(model, handle.adapters)
+    if face is None or not hasattr(face, "embedding"):
+        raise TypeError("face: connect the 'face' output of Lynx Encode Face ID")
+    embedding = face.embedding
+    if embedding is None:
+        log.warning("face: no usable face was found (pass-through); sampling without an identity")
+
+    ref_cond = ref_uncond = None
+    if handle.has_ref and float(ref_scale) != 0.0:
+        if not isinstance(reference, ReferenceFeatures) or not reference.cond:
+            raise ValueError(
+                "reference: full Lynx adapters need the reference features. Connect Lynx Encode Reference "
+                "to 'reference', or set ref_scale to 0 to run without the Ref-adapter.")
+        if (reference.dim, reference.num_blocks) != (dim, num_blocks):
+            raise ValueError(
+                f"reference: it was computed on a {reference.dim}-wide {reference.num_blocks}-block model but "
+                f"'model' is {dim}-wide with {num_blocks} blocks; feed Lynx Encode Reference the same model.")
+        ref_cond, ref_uncond = reference.cond, reference.uncond
+    elif reference is not None and not handle.has_ref:
+        log.info("reference: %s adapters have no Ref-adapter; the reference is not used", handle.variant)
+
+    conditioning = make_conditioning(handle.adapters, embedding, ref_cond, ref_uncond)
+    patch = LynxPatch(handle.adapters, conditioning, ip_scale=ip_scale, ref_scale=ref_scale)
+    state = LynxRunState(patch=patch, start_percent=start_percent, end_percent=end_percent)
+    if official_sigmas is not None:
+        state.timestep_sigmas, state.timestep_values = official_sigmas
+    clone = patch_model(model, state, handle.patcher(), official_timesteps=official_sigmas is not None)
+    guider = guider_class()(clone, state, cfg, cfg_id)
+    guider.set_conds(positive, negative)
+    return guider
+
+
+class LynxGuider:
+    DESCRIPTION = ("Lynx guidance as a GUIDER for SamplerCustomAdvanced: the patched model and the "
+                   "three-pass identity guidance, with your own noise, sampler and sigmas.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("Connect to SamplerCustomAdvanced's guider input.",)
+    FUNCTION = "get_guider"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = _guidance_inputs()
+        required.update(_guidance_scales())
+        required.update(_swap_input())
+        return {"required": required, "optional": _reference_input()}
+
+    def get_guider(self, model, adapters, face, positive, negative, cfg, cfg_id, ip_scale, ref_scale,
+                   start_percent, end_percent, blocks_to_swap, reference=None):
+        return (build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scale, ref_scale,
+                             start_percent, end_percent, blocks_to_swap, reference),)
+
+
+def comfy_sigmas(model_patcher, scheduler: str, steps: int, sampler_name: str) -> torch.Tensor:
+    """Sigmas as ComfyUI's KSampler computes them (including its penultimate-sigma rule)."""
+    import comfy.samplers
+
+    ms = model_patcher.get_model_object("model_sampling")
+    if sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
+        sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return comfy.samplers.calculate_sigmas(ms, scheduler, steps)
+
+
+class LynxSampler:
+    DESCRIPTION = ("Samples a Wan2.1-T2V-14B video of the person in the face photo: patches a copy of the "
+                   "model with the Lynx adapters and runs any ComfyUI sampler and scheduler with Lynx's "
+                   "three-pass identity guidance. Decode the LATENT with the Wan VAE.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised video latent; decode it with VAE Decode (Wan 2.1 VAE).",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = _guidance_inputs()
+        required["latent_image"] = ("LATENT", {"tooltip": "Size and length of the video: an empty Wan latent "
+                                                          "(EmptyHunyuanLatentVideo / Wan22ImageToVideoLatent ...); "
+                                                          "the official run is 832×480, 81 frames."})
+        required["seed"] = ("INT", {"default": 42, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                    "tooltip": "Noise seed (official 42). The same seed with the official schedule "
+                                               "draws the official initial noise."})
+        required["steps"] = ("INT", {"default": 50, "min": 1, "max": 1000,
+                                     "tooltip": "Denoising steps (official 50)."})
+        required.update(_guidance_scales())
+        required["sampler_name"] = (comfy_env.sampler_names(), {"default": "uni_pc_bh2",
+                                    "tooltip": "Any ComfyUI sampler; uni_pc_bh2 is the official UniPC-bh2."})
+        required["scheduler"] = (comfy_env.scheduler_names(), {"default": comfy_env.OFFICIAL_SCHEDULER,
+                                 "tooltip": "lynx_official = the official flow-matching sigma list (flow shift "
+                                            "'shift', integer timesteps, pure-noise start); or any ComfyUI scheduler "
+                                            "(those use the model's own shift, e.g. from ModelSamplingSD3)."})
+        required["shift"] = ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Flow shift of the lynx_official schedule (3.0 for 480p as the "
+                                                  "official run, 5.0 for 720p). Ignored by other schedulers."})
+        required.update(_swap_input())
+        return {"required": required, "optional": _reference_input()}
+
+    def sample(self, model, adapters, face, positive, negative, latent_image, seed, steps, cfg, cfg_id,
+               ip_scale, ref_scale, start_percent, end_percent, sampler_name, scheduler, shift,
+               blocks_to_swap, reference=None):
+        import comfy.model_management
+        import comfy.sample
+        import comfy.samplers
+        import comfy.utils
+        import latent_preview
+
+        official = scheduler == comfy_env.OFFICIAL_SCHEDULER
+        official_sigmas = None
+        if official:
+            sig64, timesteps = flow_sigmas(int(steps), float(shift))
+            official_sigmas = (sig64[:-1], timesteps)
+        guider = build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scale, ref_scale,
+                              start_percent, end_percent, blocks_to_swap, reference, official_sigmas)
+        sigmas = sig64.to(torch.float32) if official else comfy_sigmas(guider.model_patcher, scheduler, int(steps), sampler_name)
+
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
+        latent["samples"] = samples
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        if official and torch.count_nonzero(samples) == 0 and float(sigmas[0]) > 0:
+            # The official run starts from pure noise at σ0 = 0.9997; ComfyUI would scale it by σ0.
+            noise = noise / float(sigmas[0])
+        sampler = comfy.samplers.sampler_object(sampler_name)
+        callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1, {})
+        out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        latent["samples"] = out.to(comfy.model_management.intermediate_device())
+        return (latent,)

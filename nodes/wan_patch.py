@@ -1,0 +1,198 @@
+"""ComfyUI glue that runs the Lynx block inside ComfyUI's own Wan model.
+
+ComfyUI's ``WanModel`` keeps the original Wan module names, so ``lynx_core.block.wan_block_forward``
+runs directly on its blocks. The pack never edits the user's MODEL: it clones the ModelPatcher and
+adds, on the clone only,
+
+* a per-block replace patch (``patches_replace["dit"][("double_block", i)]``) for every block,
+* a DIFFUSION_MODEL wrapper that gives the model the official integer timesteps when the
+  ``lynx_official`` schedule is used,
+* the adapters as an additional model, so ComfyUI's memory manager loads and evicts them.
+
+A block patch falls back to ComfyUI's own block whenever Lynx has nothing to add (outside the
+start/end window, a zero scale), so those steps are bit-identical to plain ComfyUI.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from lynx_core.block import wan_block_forward
+from lynx_core.guidance import adapter_window_active_sigma, validate_window
+from lynx_core.lynx import COND, LynxPatch
+
+log = logging.getLogger(__name__)
+
+PATCH_KEY = "lynx"
+
+
+class WanModelError(ValueError):
+    """The MODEL input is not a Wan T2V model these adapters can patch."""
+
+
+def wan_diffusion_model(model_patcher, input_name: str = "model"):
+    """The ComfyUI ``WanModel`` inside a MODEL, checked by module names and shapes.
+
+    Returns ``(diffusion_model, dim, num_blocks)``.
+    """
+    base = getattr(model_patcher, "model", None)
+    dm = getattr(base, "diffusion_model", None)
+    blocks = getattr(dm, "blocks", None)
+    needed = ("self_attn", "cross_attn", "norm3", "ffn", "modulation")
+    if dm is None or blocks is None or len(blocks) == 0 or not all(hasattr(blocks[0], n) for n in needed):
+        kind = type(dm).__name__ if dm is not None else type(model_patcher).__name__
+        raise WanModelError(
+            f"{input_name}: this is a {kind}, not a Wan2.1/Wan2.2 DiT. Load Wan2.1-T2V-14B (or a Wan2.2-A14B "
+            "T2V expert) with a diffusion-model loader (Load Diffusion Model, a GGUF loader, ...) and connect it here.")
+    if getattr(dm, "img_emb", None) is not None or hasattr(blocks[0].cross_attn, "k_img"):
+        raise WanModelError(
+            f"{input_name}: this is a Wan image-to-video model; Lynx is trained on the text-to-video "
+            "Wan2.1-T2V-14B. Load the T2V model instead.")
+    if getattr(dm, "vace_blocks", None) is not None:
+        log.warning("%s: a VACE Wan model; Lynx patches its main blocks only", input_name)
+    dim = int(getattr(dm, "dim", 0) or blocks[0].modulation.shape[-1])
+    return dm, dim, len(blocks)
+
+
+def check_model_fits(model_patcher, adapters, input_name: str = "model"):
+    """Refuse models whose width/depth differ from the adapters' (e.g. Wan 1.3B or 5B)."""
+    dm, dim, num_blocks = wan_diffusion_model(model_patcher, input_name)
+    adapters.check_fits(dim, num_blocks, model_name=f"'{input_name}' input")
+    return dm, dim, num_blocks
+
+
+def comfy_rope(x: torch.Tensor, freqs) -> torch.Tensor:
+    from comfy.ldm.flux.math import apply_rope1
+
+    return apply_rope1(x, freqs)
+
+
+def comfy_attention(transformer_options: dict):
+    """``(q, k, v, heads) -> out`` through ComfyUI's attention (honours --use-sage-attention etc.)."""
+    from comfy.ldm.modules import attention as comfy_attn
+
+    def attend(q, k, v, heads):
+        return comfy_attn.optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options)
+
+    return attend
+
+
+@dataclass
+class LynxRunState:
+    """What the block patches read while one guider samples; owned by that guider."""
+
+    patch: LynxPatch | None = None
+    blocks: Sequence[torch.nn.Module] = ()
+    cond_identities: list[str] = field(default_factory=lambda: [COND])
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    # Official timesteps: float64 sigmas of the lynx_official schedule -> int64 timesteps.
+    timestep_sigmas: torch.Tensor | None = None
+    timestep_values: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.start_percent, self.end_percent = validate_window(self.start_percent, self.end_percent)
+
+    def identities(self, cond_or_uncond: Sequence[int] | None, rows: int) -> list[str]:
+        """COND/UNCOND for each batch row of one model call.
+
+        ComfyUI batches the guider's conds in chunks; ``cond_or_uncond`` lists, per chunk, the index
+        of the cond in the list the guider passed to ``calc_cond_batch`` and each chunk has the
+        same number of rows.
+        """
+        chunks = list(cond_or_uncond) if cond_or_uncond else [0]
+        per_chunk = max(1, rows // len(chunks))
+        out = []
+        for idx in chunks:
+            ident = self.cond_identities[idx] if 0 <= idx < len(self.cond_identities) else COND
+            out += [ident] * per_chunk
+        return out[:rows] if len(out) >= rows else out + [out[-1]] * (rows - len(out))
+
+    def update_window(self, sigma: float, sample_sigmas: torch.Tensor | None) -> bool:
+        """Switch the adapters on/off for the model call at ``sigma`` (step semantics of the spec:
+        on for steps k with start ≤ k/N < end, mapped to the schedule's sigmas)."""
+        if self.patch is None:
+            return False
+        if self.start_percent <= 0.0 and self.end_percent >= 1.0:
+            active = True
+        elif sample_sigmas is None or len(sample_sigmas) < 2:
+            active = self.start_percent <= 0.0 < self.end_percent
+        else:
+            s = [float(v) for v in sample_sigmas]
+            n = len(s) - 1
+            k_start, k_end = math.ceil(self.start_percent * n - 1e-9), math.ceil(self.end_percent * n - 1e-9)
+            if k_start >= min(k_end, n):
+                active = False
+            else:
+                active = adapter_window_active_sigma(sigma, s[k_start], s[min(k_end, n)])
+        self.patch.active = active
+        return active
+
+    def official_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Replace ComfyUI's float timesteps (σ·1000) by the official truncated ones."""
+        if self.timestep_sigmas is None:
+            return t
+        table = self.timestep_sigmas.to(device=t.device, dtype=torch.float64) * 1000.0
+        diff = (t.double().reshape(-1, 1) - table.reshape(1, -1)).abs()
+        best = diff.argmin(dim=1)
+        close = diff.gather(1, best.reshape(-1, 1)).reshape(-1) < 1e-2
+        mapped = self.timestep_values.to(device=t.device)[best].to(t.dtype)
+        return torch.where(close, mapped, t.reshape(-1)).reshape(t.shape)
+
+    def release(self) -> None:
+        """Drop per-generation caches (cached adapter keys/values); called in ``finally``."""
+        if self.patch is not None:
+            self.patch.release()
+            self.patch.active = True
+
+
+class LynxBlockPatch:
+    """The replace patch for block ``index``: ComfyUI's block, or the Lynx block with adapters."""
+
+    def __init__(self, index: int, state: LynxRunState) -> None:
+        self.index = index
+        self.state = state
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        st = self.state
+        lp = st.patch
+        if lp is None or not lp.active:
+            return extra["original_block"](args)
+        x = args["img"]
+        to = args.get("transformer_options", {}) or {}
+        block = st.blocks[self.index]
+        rows = st.identities(to.get("cond_or_uncond"), x.shape[0])
+        inputs = lp.block_inputs(self.index, block, rows, device=x.device, dtype=x.dtype)
+        if inputs is None:
+            return extra["original_block"](args)
+        out = wan_block_forward(block, x, args["vec"], args["pe"], args["txt"], rope=comfy_rope,
+                                attention=comfy_attention(to), adapters=inputs)
+        return {"img": out}
+
+
+def _timestep_wrapper(state: LynxRunState):
+    def wrapper(executor, x, timestep, *args, **kwargs):
+        return executor(x, state.official_timestep(timestep), *args, **kwargs)
+
+    return wrapper
+
+
+def patch_model(model_patcher, state: LynxRunState, adapters_patcher=None, official_timesteps: bool = False):
+    """A clone of ``model_patcher`` whose Wan blocks run through Lynx; the input is not modified."""
+    import comfy.patcher_extension
+
+    dm, _dim, num_blocks = wan_diffusion_model(model_patcher)
+    clone = model_patcher.clone()
+    state.blocks = list(dm.blocks)
+    for i in range(num_blocks):
+        clone.set_model_patch_replace(LynxBlockPatch(i, state), "dit", "double_block", i)
+    if official_timesteps:
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
+                                   _timestep_wrapper(state))
+    if adapters_patcher is not None:
+        clone.set_additional_models(PATCH_KEY, [adapters_patcher])
+    return clone

@@ -1,0 +1,140 @@
+// ComfyUI-Lynx front-end: the video preview on "Lynx Video Combine" and the face caption on
+// "Lynx Encode Face ID". Served from the pack's WEB_DIRECTORY as /extensions/<pack>/lynx_preview.js,
+// so the front-end's module shims are two folders up.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const VIDEO_NODE = "LynxVideoCombine";
+const FACE_NODE = "LynxEncodeFaceID";
+const VIDEO_WIDGET = "lynx_video_preview";
+const CAPTION_WIDGET = "lynx_face_caption";
+const VIDEO_EXTS = ["mp4", "webm", "mov", "mkv"];
+
+function injectStyle() {
+  if (document.getElementById("lynx-preview-style")) return;
+  const style = document.createElement("style");
+  style.id = "lynx-preview-style";
+  style.textContent = `
+    .lynx-video-preview { width: 100%; height: 100%; display: flex; align-items: center;
+      justify-content: center; overflow: hidden; }
+    .lynx-video-preview video, .lynx-video-preview img { max-width: 100%; max-height: 100%;
+      object-fit: contain; border-radius: 4px; }
+    .lynx-face-caption { font: 12px sans-serif; color: var(--input-text, #ddd); padding: 2px 6px;
+      white-space: pre-wrap; overflow: hidden; }
+  `;
+  document.head.appendChild(style);
+}
+
+function viewUrl(file) {
+  const params = new URLSearchParams({
+    filename: file.filename,
+    subfolder: file.subfolder ?? "",
+    type: file.type ?? "output",
+  });
+  // The same file name can be rewritten by a later run: never let the browser reuse the old one.
+  const rand = typeof app.getRandParam === "function" ? app.getRandParam() : `&rand=${Math.random()}`;
+  return api.apiURL(`/view?${params}${rand}`);
+}
+
+function extensionOf(file) {
+  const name = String(file.filename ?? "").toLowerCase();
+  const dot = name.lastIndexOf(".");
+  return dot >= 0 ? name.slice(dot + 1) : String(file.format ?? "");
+}
+
+// A DOM widget that is never saved in widgets_values nor sent in the API prompt.
+function addPreviewWidget(node, name, element, options) {
+  const widget = node.addDOMWidget(name, "preview", element, {
+    serialize: false,
+    hideOnZoom: false,
+    ...options,
+  });
+  widget.serialize = false;
+  return widget;
+}
+
+function fitNode(node) {
+  const min = node.computeSize();
+  node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  node.setDirtyCanvas?.(true, true);
+  app.graph?.setDirtyCanvas(true, true);
+}
+
+function showVideo(node, file) {
+  let state = node.lynxVideo;
+  if (!state) {
+    const box = document.createElement("div");
+    box.className = "lynx-video-preview";
+    state = node.lynxVideo = { box, aspect: 9 / 16, media: null };
+    state.widget = addPreviewWidget(node, VIDEO_WIDGET, box, {
+      getMinHeight: () => Math.max(64, Math.round((node.size[0] - 20) * state.aspect)),
+    });
+  }
+  const ext = extensionOf(file);
+  const isVideo = VIDEO_EXTS.includes(ext);
+  const tag = isVideo ? "VIDEO" : "IMG";
+  if (!state.media || state.media.tagName !== tag) {
+    state.media?.remove();
+    state.media = document.createElement(tag.toLowerCase());
+    if (isVideo) {
+      Object.assign(state.media, { controls: true, loop: true, muted: true, autoplay: true, playsInline: true });
+      state.media.addEventListener("loadedmetadata", () => {
+        if (state.media.videoWidth) state.aspect = state.media.videoHeight / state.media.videoWidth;
+        fitNode(node);
+      });
+    } else {
+      state.media.addEventListener("load", () => {
+        if (state.media.naturalWidth) state.aspect = state.media.naturalHeight / state.media.naturalWidth;
+        fitNode(node);
+      });
+    }
+    state.media.addEventListener("error", () => {
+      state.box.dataset.lynxError = isVideo ? "this browser cannot play the file" : "the image did not load";
+      state.box.title = `${file.filename}: ${state.box.dataset.lynxError}`;
+    });
+    state.box.appendChild(state.media);
+  }
+  delete state.box.dataset.lynxError;
+  state.box.dataset.lynxFile = file.filename;
+  state.box.title = `${file.subfolder ? file.subfolder + "/" : ""}${file.filename}` +
+    (file.frame_rate ? ` (${file.frame_rate} fps)` : "");
+  state.media.src = viewUrl(file);
+  fitNode(node);
+}
+
+function showFaceCaption(node, lines) {
+  let el = node.lynxCaption;
+  if (!el) {
+    el = node.lynxCaption = document.createElement("div");
+    el.className = "lynx-face-caption";
+    addPreviewWidget(node, CAPTION_WIDGET, el, { getMinHeight: () => 20 + 16 * (el.textContent.split("\n").length - 1) });
+  }
+  el.textContent = lines.join("\n");
+  fitNode(node);
+}
+
+app.registerExtension({
+  name: "ComfyUI-Lynx.preview",
+
+  async setup() {
+    injectStyle();
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === VIDEO_NODE) {
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        onExecuted?.apply(this, arguments);
+        const videos = message?.videos;
+        if (Array.isArray(videos) && videos.length) showVideo(this, videos[0]);
+      };
+    } else if (nodeData.name === FACE_NODE) {
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        onExecuted?.apply(this, arguments);
+        const faces = message?.lynx_faces;
+        if (faces != null) showFaceCaption(this, (Array.isArray(faces) ? faces : [faces]).map(String));
+      };
+    }
+  },
+});
