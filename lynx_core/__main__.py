@@ -16,7 +16,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        demo.run(args)
+        try:
+            demo.run(args)
+        except (ValueError, FileNotFoundError, ImportError) as err:
+            # User errors (bad sizes, missing or mismatched files): the message, not a traceback.
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

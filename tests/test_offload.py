@@ -21,7 +21,7 @@ from lynx_core.guidance import combine_three_pass
 from lynx_core.lynx import COND, UNCOND, LynxPatch, make_conditioning
 from lynx_core.offload import (BlockSwapError, BlockSwapper, attach_block_swap, borrow_to_device,
                                choose_swapped, estimate_activation_bytes, fp8_dequantize, fp8_quantize,
-                               pack_chunks, plan_block_swap, wan_video_tokens)
+                               move_non_block_parts, pack_chunks, plan_block_swap, wan_video_tokens)
 from lynx_core.offload.host import ALIGN, align_up
 from lynx_core.reference import extract_reference_features
 from lynx_core.sampling import flow_sigmas, sample_euler, sample_unipc
@@ -554,8 +554,7 @@ def test_cuda_stream_ring_matches_resident(fp8):
                     q, s = fp8_quantize(p)
                     p.copy_(fp8_dequantize(q, s, p.dtype))
     reference = euler_run(expected, x.cuda(), ctx.cuda())
-    model.patch_embedding.cuda(), model.text_embedding.cuda(), model.time_embedding.cuda()
-    model.time_projection.cuda(), model.head.cuda()
+    move_non_block_parts(model, "cuda")
     plan = plan_block_swap(model.blocks, 4, "cuda", host_dtype=torch.float8_e4m3fn if fp8 else None)
     with BlockSwapper(model.blocks, plan, debug_timing=True) as swapper:
         out = euler_run(model, x.cuda(), ctx.cuda(), block_fn=swapper.wrap(attention=model.attention))

@@ -54,6 +54,16 @@ class _Entry:
 
 
 @dataclass
+class _Job:
+    """A host master still to be made (and the original it is made from)."""
+    entry: _Entry
+    src: torch.Tensor | None
+    quantize: bool
+    pending: int = 0
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
 class _Stream:
     index: int
     entries: list[_Entry]
@@ -209,41 +219,34 @@ class BlockSwapper:
     def _build_masters(self) -> None:
         plan, dev = self.plan, self.device
         want_pin = plan.pin and self._cuda
-        fp8 = plan.host_dtype
-        # Decide per tensor: quantize?  copy?  Items are (entry, kind) with kind "master" or "scale".
-        items: list[tuple[_Entry, str, int]] = []
-        src_of: dict[int, torch.Tensor] = {}
-        quant: dict[int, bool] = {}
+        jobs: list[_Job] = []
         for st in self._streams.values():
             for e in st.entries:
                 src = e.tensor.data
-                src_of[id(e)] = src
-                q = fp8 is not None and quantizable(e.tensor) and not (plan.borrowed and src.device.type != "cpu")
-                quant[id(e)] = q
-                on_host = src.device.type == "cpu"
-                adoptable = not q and on_host and src.is_contiguous()
-                pinned = adoptable and want_pin and src.is_pinned()
-                if adoptable and (pinned or not want_pin):
+                # A borrowed model's device weights are copied back on close, so they stay exact.
+                q = (plan.host_dtype is not None and quantizable(src)
+                     and not (plan.borrowed and src.device.type != "cpu"))
+                if not q and src.device.type == "cpu" and src.is_contiguous() and (
+                        not want_pin or src.is_pinned()):
                     e.master = src  # already where it should be: no copy, no extra RAM
+                    self._settle(e, src)
                     continue
-                n = src.numel() * (1 if q else src.element_size())
-                items.append((e, "master", n))
-                if q:
-                    items.append((e, "scale", 4 * src.shape[0]))
-        budget = 0 if not want_pin else plan.pin_limit_bytes
-        packing = pack_chunks([n for _e, _k, n in items], budget=budget)
-        # Fill chunk by chunk so that, for an owned model, originals are released as we go and the
-        # RAM peak stays near one model copy plus one chunk.
+                jobs.append(_Job(e, src, q))
+        items: list[tuple[_Job, str, int]] = []
+        for job in jobs:
+            items.append((job, "master", job.src.numel() * (1 if job.quantize else job.src.element_size())))
+            if job.quantize:
+                items.append((job, "scale", 4 * job.src.shape[0]))
+        for job, _kind, _n in items:
+            job.pending += 1
+        packing = pack_chunks([n for _j, _k, n in items], budget=plan.pin_limit_bytes if want_pin else 0)
         by_chunk: dict[int, list[int]] = {}
         for i, (c, _off) in enumerate(packing.place):
             by_chunk.setdefault(c, []).append(i)
-        pending: dict[int, int] = {}
-        for e, _k, _n in items:
-            pending[id(e)] = pending.get(id(e), 0) + 1
-        quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._chunks = []
-        self.pinned_bytes = 0
-        self.pageable_bytes = 0
+        self.pinned_bytes = self.pageable_bytes = 0
+        # Chunk by chunk, and each original released as soon as its master is complete, so an owned
+        # model's RAM peak stays near one copy of the weights plus one chunk.
         for c in sorted(by_chunk, key=lambda c: (c < 0, c)):
             chunk = None
             if c >= 0:
@@ -251,18 +254,21 @@ class BlockSwapper:
                 self._chunks.append(chunk)
                 self.pinned_bytes += packing.chunk_sizes[c]
             for i in by_chunk[c]:
-                e, kind, n = items[i]
-                src = src_of[id(e)]
-                if c < 0 and kind == "master" and not quant[id(e)] and src.device.type == "cpu" and src.is_contiguous():
+                job, kind, n = items[i]
+                e, src = job.entry, job.src
+                if chunk is None and kind == "master" and not job.quantize and src.device.type == "cpu" \
+                        and src.is_contiguous():
                     e.master = src  # over the pinning cap: the original serves, pageable
                     self.pageable_bytes += n
                 else:
-                    if quant[id(e)] and id(e) not in quantized:
-                        quantized[id(e)] = fp8_quantize(src, fp8)
+                    if job.quantize and job.quantized is None:
+                        # The GPU quantizes a 14B block in milliseconds; the CPU needs seconds.
+                        work = src.to(dev) if self._cuda and src.device.type == "cpu" else src
+                        job.quantized = fp8_quantize(work, plan.host_dtype)
                     if kind == "master":
-                        value = quantized[id(e)][0] if quant[id(e)] else src
+                        value = job.quantized[0] if job.quantize else src
                     else:
-                        value = quantized[id(e)][1]
+                        value = job.quantized[1]
                     if chunk is not None:
                         dst = view_bytes(chunk, packing.place[i][1], value.dtype, value.shape)
                     else:
@@ -273,21 +279,16 @@ class BlockSwapper:
                         e.master = dst
                     else:
                         e.scale = dst
-                pending[id(e)] -= 1
-                if pending[id(e)] == 0:
-                    quantized.pop(id(e), None)
-                    self._settle(e, src_of[id(e)], quant[id(e)])
-        for st in self._streams.values():
-            for e in st.entries:
-                if e.rest is None:  # adopted masters
-                    self._settle(e, src_of[id(e)], quant[id(e)])
-        src_of.clear()
+                job.pending -= 1
+                if job.pending == 0:
+                    self._settle(e, src)
+                    job.src = job.quantized = None  # drop our references to the original
 
-    def _settle(self, e: _Entry, src: torch.Tensor, quantized: bool) -> None:
+    def _settle(self, e: _Entry, src: torch.Tensor) -> None:
         """Point the tensor at what it holds between uses, and note how to restore it."""
         if self.plan.borrowed:
             if src.device.type != "cpu":
-                e.restore_to = src.device     # GPU original: released now, copied back on close
+                e.restore_to = src.device     # device original: released now, copied back on close
                 e.rest = e.master
             else:
                 e.rest = src                  # host original: untouched between uses
