@@ -173,14 +173,14 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def to_device_keep_host(blocks, indices, device) -> list:
-    """Move blocks to the device, remembering their host tensors so the move costs no copy back."""
-    saved = []
+def to_device_keep_host(blocks, indices, device, saved: list) -> None:
+    """Move blocks to the device, remembering their host tensors in ``saved`` so that going back
+    costs no copy (and works after an out-of-memory error halfway)."""
     for b in indices:
         for t in list(blocks[b].parameters()) + list(blocks[b].buffers()):
-            saved.append((t, t.data))
-            t.data = t.data.to(device)
-    return saved
+            host = t.data
+            t.data = host.to(device)
+            saved.append((t, host))
 
 
 def restore_host(saved) -> None:
@@ -222,7 +222,8 @@ def _main(args: argparse.Namespace) -> dict:
     swap_arg = args.blocks_to_swap or default_swap
     tokens = math.prod(grid)
     attention = get_attention("auto", device)
-    results: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    results: dict = {"device": str(device), "gpu": gpu,
                      "blocks": n_blocks, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "tokens": tokens, "grid": grid,
                      "dtype": args.dtype, "passes": args.passes, "steps": args.steps, "fp8_host": args.fp8_host,
                      "lynx": not args.no_lynx}
@@ -239,17 +240,20 @@ def _main(args: argparse.Namespace) -> dict:
     resident_out = None
     if not args.skip_resident:
         reset_peak(device)
+        saved: list = []
         try:
-            saved = to_device_keep_host(blocks, range(n_blocks), device)
-            try:
-                step, resident_out = run_steps(blocks, inputs, attention, block_call, args.steps, args.passes, device)
-                results["resident"] = {"step_s": step, **peak_stats(device)}
-                print(f"resident : {step:8.3f} s/step   peak {fmt_bytes(results['resident']['peak_allocated'])}")
-            finally:
-                restore_host(saved)
+            to_device_keep_host(blocks, range(n_blocks), device, saved)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+            step, resident_out = run_steps(blocks, inputs, attention, block_call, args.steps, args.passes, device)
+            results["resident"] = {"step_s": step, **peak_stats(device)}
+            if base is not None:  # what the blocks' temporaries really took, for the plan's estimate
+                results["resident"]["activation_measured"] = results["resident"]["peak_allocated"] - base
+            print(f"resident : {step:8.3f} s/step   peak {fmt_bytes(results['resident']['peak_allocated'])}")
         except torch.OutOfMemoryError:
             results["resident"] = {"error": "out of memory: the blocks do not fit resident; use fewer --blocks"}
             print("resident : out of memory (use fewer --blocks to get a reference time)")
+        finally:
+            restore_host(saved)
     gc.collect()
 
     # cap -----------------------------------------------------------------------------------------
@@ -274,14 +278,15 @@ def _main(args: argparse.Namespace) -> dict:
         plan_kw["reserve_bytes"] = int(args.reserve_gb * GiB)
     plan = plan_block_swap(blocks, swap_arg, device, **plan_kw)
     print(plan.describe())
-    results["plan"] = {"resident": plan.resident, "swapped": plan.swapped, "activation_estimate": plan.activation_bytes,
-                       "ring_bytes": plan.ring_bytes, "free_bytes": plan.free_bytes, "pinned_estimate": plan.pinned_bytes}
+    results["plan"] = {"resident": plan.resident, "swapped": plan.swapped,
+                       "activation_estimate": plan.activation_bytes, "ring_bytes": plan.ring_bytes,
+                       "free_bytes": plan.free_bytes, "pinned_estimate": plan.pinned_bytes}
     swapped = set(plan.swapped)
 
     # 2. synchronous .to() swap -------------------------------------------------------------------
     if not args.skip_sync and swapped:
         reset_peak(device)
-        saved = to_device_keep_host(blocks, plan.resident, device)
+        saved = []
 
         def sync_call(i, block, x, e, freqs, ctx, adapters, attn):
             if i not in swapped:
@@ -291,6 +296,7 @@ def _main(args: argparse.Namespace) -> dict:
             block.to("cpu")  # the write-back those nodes do
             return out
         try:
+            to_device_keep_host(blocks, plan.resident, device, saved)
             step, _ = run_steps(blocks, inputs, attention, sync_call, args.steps, args.passes, device)
             results["sync"] = {"step_s": step, **peak_stats(device)}
             print(f"sync .to : {step:8.3f} s/step   peak {fmt_bytes(results['sync']['peak_allocated'])}")
@@ -306,14 +312,15 @@ def _main(args: argparse.Namespace) -> dict:
     # 3. BlockSwapper -----------------------------------------------------------------------------
     reset_peak(device)
     rss0 = process_rss_bytes()
-    t = time.perf_counter()
-    swapper = BlockSwapper(blocks, plan)
-    attach_s = time.perf_counter() - t
+    swapper = None
 
     def swap_call(i, block, x, e, freqs, ctx, adapters, attn):
         with swapper.use(i) as blk:
             return block_call(i, blk, x, e, freqs, ctx, adapters, attn)
     try:
+        t = time.perf_counter()
+        swapper = BlockSwapper(blocks, plan)
+        attach_s = time.perf_counter() - t
         step, swapped_out = run_steps(blocks, inputs, attention, swap_call, args.steps, args.passes, device)
         results["swapped"] = {"step_s": step, **peak_stats(device), "attach_s": attach_s,
                               "pinned_bytes": swapper.pinned_bytes, "pageable_bytes": swapper.pageable_bytes,
@@ -340,7 +347,8 @@ def _main(args: argparse.Namespace) -> dict:
         results["swapped"] = {"error": "out of memory under the cap: raise --reserve-gb or swap more blocks"}
         print("swapped  : out of memory under the cap")
     finally:
-        swapper.close()
+        if swapper is not None:
+            swapper.close()
         if device.type == "cuda" and cap is not None:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
 
@@ -356,8 +364,13 @@ def _main(args: argparse.Namespace) -> dict:
     if "ratio" in results.get("sync", {}):
         print(f"ratio sync .to/resident: {results['sync']['ratio']:.3f}")
     if sw.get("peak_allocated") is not None:
-        print(f"peak device memory swapped: {sw['peak_allocated'] / 1e9:.2f} GB allocated, "
-              f"{sw['peak_reserved'] / 1e9:.2f} GB reserved (goal <= 22 GB)")
+        print(f"peak device memory swapped: {sw['peak_allocated'] / 1e9:.2f} GB "
+              f"({sw['peak_allocated'] / GiB:.2f} GiB) allocated, {sw['peak_reserved'] / 1e9:.2f} GB "
+              f"({sw['peak_reserved'] / GiB:.2f} GiB) reserved (goal <= 22 GB)")
+    measured = results.get("resident", {}).get("activation_measured")
+    if measured is not None:
+        print(f"activations: estimate {fmt_bytes(plan.activation_bytes)}, measured {fmt_bytes(measured)} "
+              "(resident peak minus weights and inputs)")
     if "outputs_equal" in results:
         print(f"swapped output equals resident: {results['outputs_equal']} (max |diff| {results['max_abs_diff']:.3g})")
     line = json.dumps(results, default=str)

@@ -7,13 +7,13 @@ adapter weights are then not needed on the GPU during the denoising steps.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from .block import BlockAdapterInputs
+from .offload import borrow_to_device
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,6 @@ def make_conditioning(adapters, embedding: torch.Tensor | None,
     return LynxConditioning(id_tokens={COND: cond, UNCOND: uncond}, ref_features=refs)
 
 
-@contextmanager
-def _on_device(module: torch.nn.Module, device: torch.device):
-    """Temporarily move an adapter layer to the compute device, and back (no lasting GPU copy)."""
-    home = next(module.parameters()).device
-    if home == device:
-        yield module
-        return
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
-
-
 @dataclass
 class AdapterKVCache:
     adapters: object
@@ -77,7 +63,7 @@ class AdapterKVCache:
             if layer is None:
                 self._ip[key] = None
             else:
-                with torch.no_grad(), _on_device(layer, device):
+                with torch.no_grad(), borrow_to_device(layer, device):
                     tokens = self.conditioning.id_tokens[identity].to(device=device, dtype=next(layer.parameters()).dtype)
                     k, v = layer.key_value(tokens, block.cross_attn.norm_k)
                 self._ip[key] = (k.to(dtype), v.to(dtype))
@@ -91,7 +77,7 @@ class AdapterKVCache:
         key = (index, identity)
         if key not in self._ref:
             layer = layers[str(index)]
-            with torch.no_grad(), _on_device(layer, device):
+            with torch.no_grad(), borrow_to_device(layer, device):
                 feats = refs[identity][index].to(device=device, dtype=next(layer.parameters()).dtype)
                 k, v = layer.key_value(feats, block.self_attn.norm_k)
             self._ref[key] = (k.to(dtype), v.to(dtype))

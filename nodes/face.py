@@ -33,7 +33,7 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def uint8_to_images(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32) / 255.0
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).to(torch.float32) / 255.0
 
 
 def compute_device():

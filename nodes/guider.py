@@ -70,6 +70,15 @@ def guider_class():
             (c,) = comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, model_options)
             return c
 
+        def inner_sample(self, noise, latent_image, device, *args, **kwargs):
+            # Runs after ComfyUI loaded the model: block swap streams what should not stay resident.
+            passes = {"three_pass": 3, "two_pass": 2}.get(guidance_mode(self.cfg, self.cfg_id), 1)
+            self.state.attach_swap(device, tuple(noise.shape), passes)
+            try:
+                return super().inner_sample(noise, latent_image, device, *args, **kwargs)
+            finally:
+                self.state.detach_swap()
+
         def outer_sample(self, *args, **kwargs):
             # Interrupt, OOM or success: the cached adapter keys/values never outlive the run, and
             # the patched model stays usable for the next prompt.

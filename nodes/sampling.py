@@ -68,20 +68,14 @@ def _reference_input() -> dict:
                                                 "ref_scale is 0; lite adapters have no Ref-adapter and ignore it."})}
 
 
-def check_blocks_to_swap(blocks_to_swap: int) -> int:
-    """0 = ComfyUI's memory management. Block swap arrives with ``lynx_core.offload``."""
+def check_blocks_to_swap(blocks_to_swap: int, num_blocks: int) -> int:
+    """0 = ComfyUI's memory management; -1 = auto (lynx_core.offload plans from free VRAM)."""
     n = int(blocks_to_swap)
-    if n == 0:
-        return 0
-    if importlib.util.find_spec("lynx_core.offload") is None:
-        if n == -1:
-            log.info("blocks_to_swap=-1: block swap is not part of this version; ComfyUI's memory management is used")
-            return 0
-        raise ValueError(
-            f"blocks_to_swap={n}: block swap is not available in this version of ComfyUI-Lynx. Set it to 0 "
-            "(ComfyUI then loads as much of the model as fits and streams the rest itself), or -1.")
-    raise ValueError(
-        f"blocks_to_swap={n}: this version of the Lynx nodes cannot use lynx_core.offload yet; set it to 0.")
+    if n < -1 or n > num_blocks:
+        raise ValueError(f"blocks_to_swap={n}: use 0 (off), -1 (auto) or a count up to the model's {num_blocks} blocks")
+    if n != 0 and importlib.util.find_spec("lynx_core.offload") is None:
+        raise ValueError(f"blocks_to_swap={n}: block swap is not available in this installation; set it to 0")
+    return n
 
 
 def _adapters(adapters) -> AdaptersHandle:
@@ -94,8 +88,8 @@ def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scal
                  start_percent, end_percent, blocks_to_swap, reference=None, official_sigmas=None):
     """Clone + patch ``model`` and return a ready Lynx guider (positive/negative set)."""
     handle = _adapters(adapters)
-    check_blocks_to_swap(blocks_to_swap)
     _dm, dim, num_blocks = check_model_fits(model, handle.adapters)
+    swap = check_blocks_to_swap(blocks_to_swap, num_blocks)
     if face is None or not hasattr(face, "embedding"):
         raise TypeError("face: connect the 'face' output of Lynx Encode Face ID")
     embedding = face.embedding
@@ -118,7 +112,7 @@ def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scal
 
     conditioning = make_conditioning(handle.adapters, embedding, ref_cond, ref_uncond)
     patch = LynxPatch(handle.adapters, conditioning, ip_scale=ip_scale, ref_scale=ref_scale)
-    state = LynxRunState(patch=patch, start_percent=start_percent, end_percent=end_percent)
+    state = LynxRunState(patch=patch, start_percent=start_percent, end_percent=end_percent, blocks_to_swap=swap)
     if official_sigmas is not None:
         state.timestep_sigmas, state.timestep_values = official_sigmas
     clone = patch_model(model, state, handle.patcher(), official_timesteps=official_sigmas is not None)

@@ -76,7 +76,10 @@ def comfy_attention(transformer_options: dict):
     from comfy.ldm.modules import attention as comfy_attn
 
     def attend(q, k, v, heads):
-        return comfy_attn.optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options)
+        try:
+            return comfy_attn.optimized_attention(q, k, v, heads=heads, transformer_options=transformer_options)
+        except TypeError:  # ComfyUI releases whose attention functions take no transformer_options
+            return comfy_attn.optimized_attention(q, k, v, heads=heads)
 
     return attend
 
@@ -93,6 +96,9 @@ class LynxRunState:
     # Official timesteps: float64 sigmas of the lynx_official schedule -> int64 timesteps.
     timestep_sigmas: torch.Tensor | None = None
     timestep_values: torch.Tensor | None = None
+    # Block swap (lynx_core.offload): requested count (0 off, -1 auto) and the live swapper.
+    blocks_to_swap: int = 0
+    swapper: object | None = None
 
     def __post_init__(self) -> None:
         self.start_percent, self.end_percent = validate_window(self.start_percent, self.end_percent)
@@ -143,8 +149,25 @@ class LynxRunState:
         mapped = self.timestep_values.to(device=t.device)[best].to(t.dtype)
         return torch.where(close, mapped, t.reshape(-1)).reshape(t.shape)
 
+    def attach_swap(self, device, latent_shape: Sequence[int], passes: int = 3) -> None:
+        """Stream ``blocks_to_swap`` blocks from host memory for this run (after ComfyUI loaded the model)."""
+        if not self.blocks_to_swap or device is None or torch.device(device).type == "cpu":
+            return
+        from lynx_core.offload import attach_block_swap
+
+        tokens = int(latent_shape[2]) * (int(latent_shape[3]) // 2) * (int(latent_shape[4]) // 2) if len(latent_shape) == 5 else 0
+        count = "auto" if self.blocks_to_swap < 0 else int(self.blocks_to_swap)
+        self.swapper = attach_block_swap(self.blocks, count, device, borrowed=True, tokens=tokens,
+                                         batch=int(latent_shape[0]) if latent_shape else 1, passes=passes)
+
+    def detach_swap(self) -> None:
+        if self.swapper is not None:
+            swapper, self.swapper = self.swapper, None
+            swapper.close()
+
     def release(self) -> None:
         """Drop per-generation caches (cached adapter keys/values); called in ``finally``."""
+        self.detach_swap()
         if self.patch is not None:
             self.patch.release()
             self.patch.active = True
@@ -158,6 +181,13 @@ class LynxBlockPatch:
         self.state = state
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        swapper = self.state.swapper
+        if swapper is not None:
+            with swapper.use(self.index):
+                return self._run(args, extra)
+        return self._run(args, extra)
+
+    def _run(self, args: dict, extra: dict) -> dict:
         st = self.state
         lp = st.patch
         if lp is None or not lp.active:

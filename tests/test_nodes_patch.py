@@ -281,3 +281,29 @@ def test_model_checks_refuse_other_widths_and_non_wan(setup):
         wp.check_model_fits(user, wide)
     with pytest.raises(wp.WanModelError, match="model: .*not a Wan"):
         wp.wan_diffusion_model(_FakePatcher(types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2))))
+
+
+def test_block_swap_streams_blocks_without_changing_the_output(setup, lynx_rope_attention):
+    from lynx_core.offload import attach_block_swap
+
+    model, adapters, conditioning, tokens, e, c, freqs = setup
+    state = wp.LynxRunState(patch=LynxPatch(adapters, conditioning), blocks=list(model.blocks))
+    args = _args(tokens, e, c, freqs, 1, [0])
+    with torch.no_grad():
+        plain = [wp.LynxBlockPatch(i, state)(args, {"original_block": None})["img"] for i in range(CFG.num_layers)]
+        state.swapper = attach_block_swap(state.blocks, CFG.num_layers, "cpu", free_bytes=10**9, pin=False)
+        swapped = [wp.LynxBlockPatch(i, state)(args, {"original_block": None})["img"] for i in range(CFG.num_layers)]
+    state.release()
+    assert state.swapper is None
+    for a, b in zip(plain, swapped):
+        torch.testing.assert_close(a, b)
+
+
+def test_blocks_to_swap_is_checked_against_the_model():
+    from nodes.sampling import check_blocks_to_swap
+
+    assert check_blocks_to_swap(0, 40) == 0 and check_blocks_to_swap(-1, 40) == -1 and check_blocks_to_swap(12, 40) == 12
+    with pytest.raises(ValueError, match="blocks_to_swap=41"):
+        check_blocks_to_swap(41, 40)
+    with pytest.raises(ValueError, match="blocks_to_swap=-2"):
+        check_blocks_to_swap(-2, 40)

@@ -446,6 +446,112 @@ def test_plan_for_other_blocks_is_refused():
             swapper.block_runner(other)
 
 
+class _FakeCuda:
+    """Stand-ins for CUDA streams and events that log every record and wait, so the ordering
+    protocol can be checked on the CPU (the copies themselves run synchronously)."""
+
+    def __init__(self):
+        self.log: list[tuple] = []
+        self.n = 0
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                fake.n += 1
+                self.id = fake.n
+
+            def record(self, stream=None):
+                fake.log.append(("record", stream.name, self.id))
+
+            def elapsed_time(self, other):
+                return 0.0
+
+        class Stream:
+            def __init__(self, name="copy", device=None):
+                self.name = name
+
+            def wait_event(self, ev):
+                fake.log.append(("wait", self.name, ev.id))
+
+            def synchronize(self):
+                pass
+
+        self.Event, self.Stream = Event, Stream
+        self.compute = Stream("compute")
+
+    def install(self, monkeypatch):
+        import contextlib
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: self.Stream("copy"))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+@pytest.mark.parametrize("count,ring,placement", [(6, 2, "spread"), (3, 2, "tail"), (4, 1, "spread"),
+                                                  (5, 3, "spread")])
+def test_stream_protocol_orders_copies_and_compute(monkeypatch, count, ring, placement):
+    """Every swapped block's compute waits for the event of the copy that filled its slot, and no
+    copy into a slot starts before the copy stream waited for the end of the slot's last compute."""
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    import lynx_core.offload.swapper as sw_mod
+
+    class LoggedSlot(sw_mod._Slot):
+        def __setattr__(self, name, value):
+            if name in ("ready", "free") and value is not None:
+                fake.log.append(("set_" + name, id(self), value.id))
+            super().__setattr__(name, value)
+    monkeypatch.setattr(sw_mod, "_Slot", LoggedSlot)
+
+    model = make_model(21)
+    x, ctx, _ = inputs(22)
+    reference = euler_run(model, x, ctx, steps=3)
+    swapper = BlockSwapper(model.blocks, plan_block_swap(model.blocks, count, "cpu", ring_size=ring,
+                                                          placement=placement), debug_timing=True)
+    swapper._cuda = True  # drive the CUDA code path with the fakes above
+    real_copy = swapper._copy_into
+
+    def logged_copy(st, buf):
+        slot = next(s for s in swapper._slots if s.buf is buf)
+        fake.log.append(("copy", id(slot), st.index))
+        real_copy(st, buf)
+    monkeypatch.setattr(swapper, "_copy_into", logged_copy)
+
+    def spy(index, block, h, e, freqs, context):
+        ptr = block.self_attn.q.weight.data_ptr()
+        slot = next((s for s in swapper._slots if s.buf.data_ptr() <= ptr < s.buf.data_ptr() + s.buf.numel()), None)
+        fake.log.append(("compute", index, None if slot is None else id(slot)))
+        return block(h, e, freqs, context, attention=model.attention)
+    out = euler_run(model, x, ctx, block_fn=swapper.wrap(spy), steps=3)
+    assert torch.equal(out, reference)
+    swapped = set(swapper.plan.swapped)
+    log = fake.log
+    computes = [(p, ev) for p, ev in enumerate(log) if ev[0] == "compute"]
+    assert len(computes) == 3 * 6
+    for p, (_, block, slot) in computes:
+        assert (slot is not None) == (block in swapped)
+        if slot is None:
+            continue
+        fill = max(q for q in range(p) if log[q][0] == "copy" and log[q][1] == slot)
+        assert log[fill][2] == block  # the slot still holds this block's copy
+        ready = next(log[q][2] for q in range(fill, p) if log[q][0] == "set_ready" and log[q][1] == slot)
+        assert ("wait", "compute", ready) in log[fill:p]
+    for p, ev in enumerate(log):
+        if ev[0] != "copy":
+            continue
+        frees = [q for q in range(p) if log[q][0] == "set_free" and log[q][1] == ev[1]]
+        if frees:
+            assert ("wait", "copy", log[frees[-1]][2]) in log[frees[-1]:p]
+    # compute never waits on a free event and the copy stream never waits on a ready event
+    readies = {e[2] for e in log if e[0] == "set_ready"}
+    frees = {e[2] for e in log if e[0] == "set_free"}
+    assert all(e[2] in readies for e in log if e[0] == "wait" and e[1] == "compute" and e[2] in readies | frees)
+    assert not any(e[0] == "wait" and e[1] == "copy" and e[2] in readies for e in log)
+    assert len(swapper.timings()) == 6
+    swapper.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # borrowed models (ComfyUI) and the hook
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,11 @@ this pack's; ``LYNX_E2E_KEEP=1`` keeps the temporary ComfyUI base folder for ins
     base/models/{diffusion_models,vae,text_encoders,lynx,facexlib}/   tiny random models
     base/input/   the face photo          base/output/   what workflows write
 
-and yields a :class:`ComfyServer`.
+and yields a :class:`ComfyServer`. ``models`` holds the file names: ``diffusion_model`` (UNETLoader),
+``vae`` (VAELoader), ``text_encoder`` (load it with ``LynxE2ETinyUMT5Loader``, see
+``ComfyServer.clip_loader_node()``; the stock CLIPLoader cannot build a tiny UMT5), ``lynx_adapters``
+(the full folder) and ``lynx_adapters_lite`` (a combined file) for LoadLynxAdapters, ``arcface``
+(in models/facexlib, found automatically) and ``face_image`` (in the input folder, for LoadImage).
 """
 from __future__ import annotations
 
@@ -54,6 +58,10 @@ class ComfyServer:
     log_path: Path
     process: subprocess.Popen = field(repr=False)
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def clip_loader_node(self) -> dict:
+        """The API node that loads the tiny UMT5 (stock CLIPLoader cannot: see comfy_support)."""
+        return {"class_type": "LynxE2ETinyUMT5Loader", "inputs": {"clip_name": self.models["text_encoder"]}}
 
     # ---------------------------------------------------------------- HTTP
     def request(self, path: str, data: Any = None, timeout: float = 60.0) -> Any:

@@ -27,7 +27,7 @@ def base_graph(server, adapters: str, steps: int = 3) -> dict:
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": m["diffusion_model"], "weight_dtype": "default"}},
         "2": {"class_type": "VAELoader", "inputs": {"vae_name": m["vae"]}},
-        "3": {"class_type": "LynxE2ETinyUMT5Loader", "inputs": {"clip_name": m["text_encoder"]}},
+        "3": server.clip_loader_node(),
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a woman smiling on the beach at sunset", "clip": ["3", 0]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "worst quality, blurred background", "clip": ["3", 0]}},
         "6": {"class_type": "LoadImage", "inputs": {"image": m["face_image"]}},

@@ -204,6 +204,29 @@ def test_template_loads_with_our_nodes_and_widgets(page, comfy_server, tmp_path,
     assert shot.stat().st_size > 10_000
 
 
+def test_template_browser_lists_our_graphs(page, tmp_path):
+    page.eval(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    text = page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog'))"
+                     f".map(d => d.innerText).find(t => t.includes('{PACK}')); return d || null; }})()",
+                     30, "our pack in the template browser")
+    page.eval(f"""(() => {{
+        const item = Array.from(document.querySelectorAll('.p-dialog *'))
+            .find(e => e.children.length === 0 && e.textContent.trim() === '{PACK}');
+        item && item.click();
+    }})()""")
+    names = page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText)"
+                      ".find(t => t.includes('lynx_full_t2v')); return d || null; })()", 30, "our templates listed")
+    assert "lynx_lite_t2v" in names and "_api" not in names
+    print("IMGS", page.eval("Array.from(document.querySelectorAll('.p-dialog img')).map(i => [i.src, i.complete, i.naturalWidth]).slice(0, 30)"))
+    page.screenshot(tmp_path / "template_browser.png")
+    # the thumbnails load (a broken image has naturalWidth 0)
+    page.wait("Array.from(document.querySelectorAll('.p-dialog img')).filter(i => i.src.includes('lynx_'))"
+              ".some(i => i.complete && i.naturalWidth > 0)", 30, "a template thumbnail")
+    page.screenshot(tmp_path / "template_browser.png")
+    page.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+    page.send("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+
+
 def _tiny_ui(models: dict) -> dict:
     g = copy.deepcopy(json.loads((WORKFLOWS / "lynx_full_t2v.json").read_text()))
     for n in g["nodes"]:
