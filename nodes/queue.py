@@ -556,7 +556,7 @@ def open_events(client: ComfyClient, client_id: str, enabled: bool = True) -> Ev
     if not enabled:
         return None
     try:
-        import websocket  # noqa: F401
+        import websocket  # noqa: F401  (only whether it is there)
     except ImportError:
         log.warning("websocket-client is not installed: following jobs by polling /history "
                     "(no step progress). `pip install websocket-client` for live progress.")

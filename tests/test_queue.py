@@ -10,13 +10,12 @@ import base64
 import email.parser
 import email.policy
 import hashlib
-import io
 import json
 import queue
 import select
 import struct
+import sys
 import threading
-import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -456,16 +455,7 @@ def test_unreachable_server_exits_2(tmp_path, capsys, photos):
 
 
 def test_missing_websocket_client_falls_back_to_polling(fake, photos, tmp_path, capsys, monkeypatch, caplog):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_websocket(name, *args, **kwargs):
-        if name == "websocket":
-            raise ImportError("no websocket-client")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_websocket)
+    monkeypatch.setitem(sys.modules, "websocket", None)  # `import websocket` now raises ImportError
     code, _, err = _run(["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png",
                          "--prompt", "hello", "--out", tmp_path / "o", "--poll-interval", "0.05"], capsys)
     assert code == 0

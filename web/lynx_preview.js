@@ -17,7 +17,7 @@ function injectStyle() {
   style.textContent = `
     .lynx-video-preview { width: 100%; height: 100%; display: flex; align-items: center;
       justify-content: center; overflow: hidden; }
-    .lynx-video-preview video, .lynx-video-preview img { max-width: 100%; max-height: 100%;
+    .lynx-video-preview video, .lynx-video-preview img { width: 100%; height: 100%;
       object-fit: contain; border-radius: 4px; }
     .lynx-face-caption { font: 12px sans-serif; color: var(--input-text, #ddd); padding: 2px 6px;
       white-space: pre-wrap; overflow: hidden; }

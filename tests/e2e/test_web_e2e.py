@@ -206,9 +206,9 @@ def test_template_loads_with_our_nodes_and_widgets(page, comfy_server, tmp_path,
 
 def test_template_browser_lists_our_graphs(page, tmp_path):
     page.eval(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    text = page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog'))"
-                     f".map(d => d.innerText).find(t => t.includes('{PACK}')); return d || null; }})()",
-                     30, "our pack in the template browser")
+    page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog'))"
+              f".map(d => d.innerText).find(t => t.includes('{PACK}')); return d || null; }})()",
+              30, "our pack in the template browser")
     page.eval(f"""(() => {{
         const item = Array.from(document.querySelectorAll('.p-dialog *'))
             .find(e => e.children.length === 0 && e.textContent.trim() === '{PACK}');
@@ -216,12 +216,15 @@ def test_template_browser_lists_our_graphs(page, tmp_path):
     }})()""")
     names = page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText)"
                       ".find(t => t.includes('lynx_full_t2v')); return d || null; })()", 30, "our templates listed")
-    assert "lynx_lite_t2v" in names and "_api" not in names
-    print("IMGS", page.eval("Array.from(document.querySelectorAll('.p-dialog img')).map(i => [i.src, i.complete, i.naturalWidth]).slice(0, 30)"))
-    page.screenshot(tmp_path / "template_browser.png")
-    # the thumbnails load (a broken image has naturalWidth 0)
-    page.wait("Array.from(document.querySelectorAll('.p-dialog img')).filter(i => i.src.includes('lynx_'))"
-              ".some(i => i.complete && i.naturalWidth > 0)", 30, "a template thumbnail")
+    assert "lynx_lite_t2v" in names and "t2v_api" not in names
+    # each of our cards shows its thumbnail (a broken image has naturalWidth 0)
+    page.wait("""Array.from(document.querySelectorAll('.p-dialog img')).filter(img => {
+        for (let e = img.parentElement, k = 0; e && k < 8; e = e.parentElement, k++) {
+            if (e.querySelectorAll('img').length === 1 && /lynx_(full|lite)_t2v/.test(e.innerText))
+                return img.complete && img.naturalWidth > 0;
+        }
+        return false;
+    }).length >= 2""", 30, "the thumbnails of our template cards")
     page.screenshot(tmp_path / "template_browser.png")
     page.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
     page.send("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
@@ -266,6 +269,7 @@ def test_run_shows_video_preview_and_face_caption(page, comfy_server, tmp_path):
         return {src: v.src, w: v.videoWidth, h: v.videoHeight, duration: v.duration,
                 file: v.parentElement.dataset.lynxFile, error: v.parentElement.dataset.lynxError || null,
                 visible: r.width > 0 && r.height > 0}; })()""")
+    page.screenshot(tmp_path / "lynx_tiny_after_run.png")
     assert video["error"] is None
     assert (video["w"], video["h"]) == (TINY["width"], TINY["height"])
     assert video["visible"]
@@ -284,5 +288,4 @@ def test_run_shows_video_preview_and_face_caption(page, comfy_server, tmp_path):
     # the previews are never saved into the workflow
     after = page.eval(f"JSON.stringify({APP}.graph.serialize().nodes.map(n => [n.id, n.widgets_values]))")
     assert after == before
-    page.screenshot(tmp_path / "lynx_tiny_after_run.png")
     assert not [c for c in page.console if "lynx" in c.lower()], page.console
