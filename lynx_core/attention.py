@@ -47,19 +47,23 @@ def _sage_fn():
         return None
 
 
+def _run_nhd(fn, q, k, v, heads: int, **kwargs) -> torch.Tensor:
+    """Call a [B, L, H, D] half-precision kernel with our [B, L, H*D] tensors, in and out."""
+    b, lq, c = q.shape
+    dtype = q.dtype
+    half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    out = fn(*(t.reshape(b, -1, heads, c // heads).to(half) for t in (q, k, v)), **kwargs)
+    if isinstance(out, tuple):  # FA3 returns (out, lse)
+        out = out[0]
+    return out.reshape(b, lq, c).to(dtype)
+
+
 def attention_flash(q, k, v, heads: int) -> torch.Tensor:
     fn = _flash_fn()
     if fn is None:
         raise RuntimeError("attention backend 'flash' requested but neither flash_attn nor "
                            "flash_attn_interface is importable; install flash-attn or use 'sdpa'")
-    b, lq, c = q.shape
-    d = c // heads
-    dtype = q.dtype
-    half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    out = fn(*(t.reshape(b, -1, heads, d).to(half) for t in (q, k, v)))
-    if isinstance(out, tuple):  # FA3 returns (out, lse)
-        out = out[0]
-    return out.reshape(b, lq, c).to(dtype)
+    return _run_nhd(fn, q, k, v, heads)
 
 
 def attention_sage(q, k, v, heads: int) -> torch.Tensor:
@@ -67,12 +71,7 @@ def attention_sage(q, k, v, heads: int) -> torch.Tensor:
     if fn is None:
         raise RuntimeError("attention backend 'sage' requested but sageattention is not importable; "
                            "pip install sageattention, or use 'sdpa'")
-    b, lq, c = q.shape
-    d = c // heads
-    dtype = q.dtype
-    half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    out = fn(*(t.reshape(b, -1, heads, d).to(half) for t in (q, k, v)), tensor_layout="NHD")
-    return out.reshape(b, lq, c).to(dtype)
+    return _run_nhd(fn, q, k, v, heads, tensor_layout="NHD")
 
 
 _IMPLS = {"sdpa": attention_sdpa, "flash": attention_flash, "sage": attention_sage}
