@@ -140,3 +140,54 @@ def test_missing_weights_error_says_where_to_put_the_file(tmp_path):
     msg = str(info.value)
     assert "recognition_arcface_ir_se50.pth" in msg
     assert f"Put the file in {tmp_path / 'models' / 'facexlib'}" in msg
+
+
+def test_onnx_backend_runs_from_the_onnx_file_alone(tmp_path, monkeypatch):
+    """random IR-SE50 -> export by the analyzer -> delete the .pth -> the onnx backend still encodes."""
+    from lynx_core.face import clear_face_cache
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # keep ~/.cache/comfyui-lynx out of the search
+    models = tmp_path / "models"
+    pth = models / "facexlib" / "recognition_arcface_ir_se50.pth"
+    pth.parent.mkdir(parents=True)
+    pth.symlink_to(random_arcface_pth())
+    ref = FaceAnalyzer("mtcnn", models_dirs=[models], arcface_backend="torch", device="cpu").encode(astronaut())
+
+    exported = pth.with_suffix(".onnx")
+    assert not exported.exists()
+    first = FaceAnalyzer("mtcnn", models_dirs=[models], arcface_backend="onnx", device="cpu")
+    first.encode(astronaut())
+    assert exported.is_file() and first.encoder.onnx_path == exported
+
+    pth.unlink()
+    clear_face_cache()
+    fa = FaceAnalyzer("mtcnn", models_dirs=[models], arcface_backend="onnx", device="cpu")
+    ident = fa.encode(astronaut())
+    assert fa.encoder.weights is None and fa.encoder.onnx_path == exported
+    assert "onnxruntime" in ident.provider
+    torch.testing.assert_close(ident.embedding, ref.embedding, atol=1e-4, rtol=0)
+    # The torch backend still needs the .pth and says so.
+    with pytest.raises(FileNotFoundError, match="recognition_arcface_ir_se50.pth"):
+        FaceAnalyzer("mtcnn", models_dirs=[models], arcface_backend="torch", device="cpu").encode(astronaut())
+
+
+def test_onnx_backend_error_names_both_files_and_every_folder(tmp_path, monkeypatch):
+    from lynx_core.face.paths import arcface_onnx_search_dirs, arcface_search_dirs
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    models = tmp_path / "models"
+    fa = FaceAnalyzer("mtcnn", models_dirs=[models], arcface_backend="onnx", device="cpu")
+    with pytest.raises(FileNotFoundError) as info:
+        fa.encode(astronaut())
+    msg = str(info.value)
+    assert "recognition_arcface_ir_se50.pth" in msg and "recognition_arcface_ir_se50.onnx" in msg
+    folders = set(arcface_search_dirs([models])) | set(arcface_onnx_search_dirs([models]))
+    assert models / "facexlib" in folders and tmp_path / "home" / ".cache" / "comfyui-lynx" in folders
+    for folder in folders:
+        assert f"\n  {folder}\n" in msg + "\n", folder
+    assert f"in {models / 'facexlib'}/" in msg
+    # An explicit ONNX path that does not exist is named as such.
+    bad = tmp_path / "nowhere.onnx"
+    with pytest.raises(FileNotFoundError, match="nowhere.onnx does not exist"):
+        FaceAnalyzer("mtcnn", models_dirs=[models], arcface_backend="onnx", arcface_onnx_path=bad,
+                     device="cpu").encode(astronaut())

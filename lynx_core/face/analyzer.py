@@ -107,8 +107,9 @@ class FaceAnalyzer:
     ``detector``: ``"auto"`` | ``"mtcnn"`` | ``"insightface:buffalo_l"`` | ``"insightface:antelopev2"``
     | ``"insightface:<pack or folder>"``. ``insightface_backend``: ``"auto"`` (insightface when it
     imports, else the built-in SCRFD decoder), ``"insightface"`` or ``"builtin"``.
-    ``arcface_backend``: ``"torch"`` or ``"onnx"`` (same numbers within 1e-4). Models load lazily
-    and are cached, so constructing analyzers is cheap.
+    ``arcface_backend``: ``"torch"`` or ``"onnx"`` (same numbers within 1e-4); ``"onnx"`` runs from
+    ``recognition_arcface_ir_se50.onnx`` alone, the ``.pth`` being needed only to export that file
+    the first time. Models load lazily and are cached, so constructing analyzers is cheap.
     """
 
     def __init__(
@@ -173,7 +174,12 @@ class FaceAnalyzer:
     @property
     def encoder(self) -> ArcFaceEncoder:
         if self._encoder is None:
-            weights = find_arcface_weights(self.models_dirs, self.arcface_path)
+            # The onnx backend may run from the .onnx export alone, so only torch insists on the .pth
+            # here; the encoder searches for whichever file the onnx backend needs.
+            if self.arcface_backend == "torch":
+                weights: Path | None = find_arcface_weights(self.models_dirs, self.arcface_path)
+            else:
+                weights = self.arcface_path
             self._encoder = ArcFaceEncoder(
                 weights,
                 backend=self.arcface_backend,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .paths import ARCFACE_FILENAME, ARCFACE_URL, find_arcface_onnx
+from .paths import ARCFACE_FILENAME, ARCFACE_URL, arcface_export_cache_dir, find_arcface_files, find_arcface_weights
 from .providers import OrtModel, default_providers
 
 logger = logging.getLogger(__name__)
@@ -224,15 +224,18 @@ def _default_device() -> torch.device:
 class ArcFaceEncoder:
     """Aligned 112 crops -> unit 512-d IR-SE50 embeddings, on torch or on onnxruntime.
 
+    ``weights`` is the ``.pth``; ``None`` searches for it (``paths.arcface_search_dirs``).
     ``backend="onnx"`` uses ``onnx_path`` if given, else an existing
-    ``recognition_arcface_ir_se50.onnx`` next to the weights or in the search folders, else it
-    exports one next to the weights (or to ``~/.cache/comfyui-lynx`` if that folder is read-only)
-    once and reuses it afterwards. Loaded models are cached per file and device.
+    ``recognition_arcface_ir_se50.onnx`` (next to the weights, in the search folders or in
+    ``~/.cache/comfyui-lynx``). The ``.pth`` is then needed only when there is no export yet, or
+    when it is newer than the export: it is exported next to the weights (or to the cache folder
+    if that one is read-only) once and reused afterwards. Loaded models are cached per file and
+    device.
     """
 
     def __init__(
         self,
-        weights: str | Path,
+        weights: str | Path | None = None,
         backend: str = "torch",
         device: str | torch.device | None = None,
         onnx_path: str | Path | None = None,
@@ -242,13 +245,16 @@ class ArcFaceEncoder:
     ) -> None:
         if backend not in ("torch", "onnx"):
             raise ValueError(f"ArcFace backend must be 'torch' or 'onnx', got {backend!r}.")
-        self.weights = Path(weights)
+        self.weights: Path | None = Path(weights) if weights is not None else None
         self.backend = backend
         self.device = torch.device(device) if device is not None else _default_device()
         self.batch_size = max(1, int(batch_size))
         self._model: IRSE50 | None = None
         self._ort: OrtModel | None = None
+        self.onnx_path: Path | None = None
         if backend == "torch":
+            if self.weights is None:
+                self.weights = find_arcface_weights(models_dirs)
             key = ("torch",) + _file_key(self.weights) + (str(self.device),)
             with _CACHE_LOCK:
                 model = _CACHE.get(key)
@@ -257,19 +263,25 @@ class ArcFaceEncoder:
                     _CACHE[key] = model
             self._model = model
         else:
-            onnx_file = Path(onnx_path) if onnx_path is not None else self._ensure_onnx(models_dirs)
+            onnx_file = self._ensure_onnx(models_dirs, onnx_path)
             self._ort = OrtModel(onnx_file, providers if providers is not None else default_providers(device))
             self.onnx_path = onnx_file
 
-    def _ensure_onnx(self, models_dirs: Sequence[str | Path] | None) -> Path:
-        existing = find_arcface_onnx(models_dirs, self.weights)
-        if existing is not None and existing.stat().st_mtime >= self.weights.stat().st_mtime:
+    def _ensure_onnx(self, models_dirs: Sequence[str | Path] | None, onnx_path: str | Path | None) -> Path:
+        weights, existing = find_arcface_files(models_dirs, self.weights, onnx_path)
+        if onnx_path is not None:
+            assert existing is not None
             return existing
-        target = self.weights.with_suffix(".onnx")
+        self.weights = weights
+        # Without weights any export is usable; with them, an export older than the .pth is stale.
+        if existing is not None and (weights is None or existing.stat().st_mtime >= weights.stat().st_mtime):
+            return existing
+        assert weights is not None
+        target = weights.with_suffix(".onnx")
         if not os.access(target.parent, os.W_OK):
-            target = Path.home() / ".cache" / "comfyui-lynx" / target.name
-        logger.info("No ONNX export of %s yet; exporting once to %s", self.weights.name, target)
-        return export_arcface_onnx(load_arcface(self.weights, "cpu"), target)
+            target = arcface_export_cache_dir() / target.name
+        logger.info("No up-to-date ONNX export of %s yet; exporting once to %s", weights.name, target)
+        return export_arcface_onnx(load_arcface(weights, "cpu"), target)
 
     @property
     def provider(self) -> str:

@@ -14,6 +14,10 @@ folders; when none are given, the ComfyUI ``models`` folder above this node pack
   ``d/facexlib/weights``, ``d`` itself, and ComfyUI-WanVideoWrapper's
   ``<ComfyUI>/custom_nodes/ComfyUI-WanVideoWrapper/lynx/face/facexlib/weights``; then an installed
   facexlib package's ``weights`` folder.
+* ``recognition_arcface_ir_se50.onnx`` (the ``onnx`` ArcFace backend): next to the ``.pth`` when
+  there is one, then the same folders as the ``.pth``, then ``~/.cache/comfyui-lynx`` (where the
+  export goes when the weights folder is read-only). The ``.onnx`` alone is enough for that
+  backend; the ``.pth`` is only needed to make the export the first time.
 """
 from __future__ import annotations
 
@@ -39,8 +43,12 @@ __all__ = [
     "find_insightface_pack",
     "list_insightface_packs",
     "arcface_search_dirs",
+    "arcface_onnx_search_dirs",
+    "arcface_export_cache_dir",
+    "locate_arcface_weights",
     "find_arcface_weights",
     "find_arcface_onnx",
+    "find_arcface_files",
     "find_mtcnn_models",
 ]
 
@@ -239,29 +247,55 @@ def arcface_search_dirs(models_dirs: Sequence[str | Path] | None = None) -> list
     return _dedupe(dirs)
 
 
+def arcface_export_cache_dir() -> Path:
+    """Where the ONNX export goes when the folder of the ``.pth`` is not writable."""
+    return Path.home() / ".cache" / "comfyui-lynx"
+
+
+def arcface_onnx_search_dirs(models_dirs: Sequence[str | Path] | None = None) -> list[Path]:
+    """Folders searched for ``recognition_arcface_ir_se50.onnx`` (besides the ``.pth``'s own), in order."""
+    return _dedupe(arcface_search_dirs(models_dirs) + [arcface_export_cache_dir()])
+
+
+def _default_target(models_dirs: Sequence[str | Path] | None) -> Path:
+    dirs = _models_dirs(models_dirs)
+    return dirs[0] / "facexlib" if dirs else Path("ComfyUI/models/facexlib")
+
+
+def locate_arcface_weights(models_dirs: Sequence[str | Path] | None = None) -> Path | None:
+    """The first ``recognition_arcface_ir_se50.pth`` in the search order, or None."""
+    for d in arcface_search_dirs(models_dirs):
+        candidate = d / ARCFACE_FILENAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _explicit_weights(explicit: str | Path) -> Path:
+    path = Path(explicit).expanduser()
+    if path.is_file():
+        return path
+    raise FaceModelNotFoundError(
+        f"ArcFace weights file {path} does not exist. Download {ARCFACE_FILENAME} from {ARCFACE_URL} "
+        "and give its real path."
+    )
+
+
 def find_arcface_weights(
     models_dirs: Sequence[str | Path] | None = None, explicit: str | Path | None = None
 ) -> Path:
     """Path of the IR-SE50 ``.pth``; an explicit path must exist."""
     if explicit is not None:
-        path = Path(explicit).expanduser()
-        if path.is_file():
-            return path
-        raise FaceModelNotFoundError(
-            f"ArcFace weights file {path} does not exist. Download {ARCFACE_FILENAME} from {ARCFACE_URL} "
-            "and give its real path."
-        )
+        return _explicit_weights(explicit)
+    found = locate_arcface_weights(models_dirs)
+    if found is not None:
+        return found
     searched = arcface_search_dirs(models_dirs)
-    for d in searched:
-        candidate = d / ARCFACE_FILENAME
-        if candidate.is_file():
-            return candidate
-    target = (_models_dirs(models_dirs)[0] / "facexlib") if _models_dirs(models_dirs) else Path("ComfyUI/models/facexlib")
     raise FaceModelNotFoundError(
         f"ArcFace IR-SE50 weights '{ARCFACE_FILENAME}' (175 MB) not found. Searched:\n  "
         + "\n  ".join(str(d / ARCFACE_FILENAME) for d in searched)
-        + f"\nPut the file in {target}/ . Download it from {ARCFACE_URL} (it is facexlib's ArcFace, the network "
-        "Lynx was trained with)."
+        + f"\nPut the file in {_default_target(models_dirs)}/ . Download it from {ARCFACE_URL} (it is facexlib's "
+        "ArcFace, the network Lynx was trained with)."
     )
 
 
@@ -270,11 +304,47 @@ def find_arcface_onnx(models_dirs: Sequence[str | Path] | None = None, weights: 
     candidates = []
     if weights is not None:
         candidates.append(Path(weights).with_suffix(".onnx"))
-    candidates += [d / ARCFACE_ONNX_FILENAME for d in arcface_search_dirs(models_dirs)]
+    candidates += [d / ARCFACE_ONNX_FILENAME for d in arcface_onnx_search_dirs(models_dirs)]
     for c in candidates:
         if c.is_file():
             return c
     return None
+
+
+def find_arcface_files(
+    models_dirs: Sequence[str | Path] | None = None,
+    weights: str | Path | None = None,
+    onnx: str | Path | None = None,
+) -> tuple[Path | None, Path | None]:
+    """``(weights .pth or None, existing .onnx or None)`` for the onnx backend; at least one is set.
+
+    Explicit paths must exist. Otherwise both files are searched; when neither is found the error
+    names both files and every folder searched.
+    """
+    if onnx is not None:
+        onnx_path = Path(onnx).expanduser()
+        if not onnx_path.is_file():
+            raise FaceModelNotFoundError(
+                f"ArcFace ONNX file {onnx_path} does not exist. Give the real path of {ARCFACE_ONNX_FILENAME}, or "
+                f"leave it empty to search for it (or export it from {ARCFACE_FILENAME})."
+            )
+        return (_explicit_weights(weights) if weights is not None else None), onnx_path
+    pth = _explicit_weights(weights) if weights is not None else locate_arcface_weights(models_dirs)
+    found = find_arcface_onnx(models_dirs, pth)
+    if pth is not None or found is not None:
+        return pth, found
+    pth_dirs = arcface_search_dirs(models_dirs)
+    onnx_dirs = arcface_onnx_search_dirs(models_dirs)
+    raise FaceModelNotFoundError(
+        f"ArcFace IR-SE50 not found for the onnx backend: neither '{ARCFACE_ONNX_FILENAME}' (the ready ONNX "
+        f"export) nor '{ARCFACE_FILENAME}' (the weights, exported to ONNX on first use) exists.\n"
+        f"Searched for {ARCFACE_FILENAME} in:\n  "
+        + "\n  ".join(str(d) for d in pth_dirs)
+        + f"\nSearched for {ARCFACE_ONNX_FILENAME} in:\n  "
+        + "\n  ".join(str(d) for d in onnx_dirs)
+        + f"\nPut {ARCFACE_FILENAME} (175 MB, download: {ARCFACE_URL}) or an ONNX export of it named "
+        f"{ARCFACE_ONNX_FILENAME} in {_default_target(models_dirs)}/ ."
+    )
 
 
 def find_mtcnn_models() -> dict[str, Path]:
