@@ -1,16 +1,20 @@
 """Per-generation Lynx state: identity tokens, reference features and the cached adapter keys/values.
 
 The adapters' keys and values depend only on the face, never on the step, so each block's
-``to_k_ip/to_v_ip`` and ``to_k_ref/to_v_ref`` run once per generation and identity; the 4+ GB of
-adapter weights are then not needed on the GPU during the denoising steps.
+``to_k_ip/to_v_ip`` and ``to_k_ref/to_v_ref`` run once per generation and identity. ``precompute``
+does that before the denoising steps, streaming one adapter layer at a time to the device, so the
+4+ GB of adapter weights never need to be on the GPU: only the cached keys/values are (about
+0.25-0.5 GB at 14B). Entries missing at a step are computed on first use, as a fallback.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from .block import BlockAdapterInputs
 from .offload import borrow_to_device
@@ -51,22 +55,30 @@ def make_conditioning(adapters, embedding: torch.Tensor | None,
 
 @dataclass
 class AdapterKVCache:
+    """Adapter keys/values per (block, identity), on the device and in the dtype the blocks run in.
+
+    :meth:`precompute` fills the whole cache before the denoising steps, streaming one adapter layer
+    at a time to the device; :meth:`ip_kv` / :meth:`ref_kv` return cached entries and compute a
+    missing (or differently placed) entry on first use, so a skipped precompute still works.
+    ``norm_moves_itself(module)`` tells which block norms move their weights to the input's device
+    on their own (ComfyUI's cast-on-forward layers); other norms whose weights are elsewhere are
+    borrowed to the device for the call.
+    """
     adapters: object
     conditioning: LynxConditioning
+    norm_moves_itself: Callable[[nn.Module], bool] | None = None
     _ip: dict = field(default_factory=dict)
     _ref: dict = field(default_factory=dict)
 
     def ip_kv(self, index: int, block, identity: str, device, dtype):
         key = (index, identity)
-        if key not in self._ip:
+        if not _fits(self._ip, key, device, dtype):
             layer = self.adapters.ip_layers[str(index)] if str(index) in self.adapters.ip_layers else None
             if layer is None:
                 self._ip[key] = None
             else:
-                with torch.no_grad(), borrow_to_device(layer, device):
-                    tokens = self.conditioning.id_tokens[identity].to(device=device, dtype=next(layer.parameters()).dtype)
-                    k, v = layer.key_value(tokens, block.cross_attn.norm_k)
-                self._ip[key] = (k.to(dtype), v.to(dtype))
+                tokens = self.conditioning.id_tokens[identity]
+                self._ip[key] = self._key_value(layer, tokens, block.cross_attn.norm_k, device, dtype)
         return self._ip[key]
 
     def ref_kv(self, index: int, block, identity: str, device, dtype):
@@ -75,17 +87,71 @@ class AdapterKVCache:
         if refs is None or layers is None or str(index) not in layers:
             return None
         key = (index, identity)
-        if key not in self._ref:
-            layer = layers[str(index)]
-            with torch.no_grad(), borrow_to_device(layer, device):
-                feats = refs[identity][index].to(device=device, dtype=next(layer.parameters()).dtype)
-                k, v = layer.key_value(feats, block.self_attn.norm_k)
-            self._ref[key] = (k.to(dtype), v.to(dtype))
+        if not _fits(self._ref, key, device, dtype):
+            self._ref[key] = self._key_value(layers[str(index)], refs[identity][index],
+                                             block.self_attn.norm_k, device, dtype)
         return self._ref[key]
+
+    def _key_value(self, layer: nn.Module, inputs: torch.Tensor, norm_k, device, dtype):
+        # The adapter layer is borrowed (host-to-device copies, dropped afterwards): its weights
+        # never stay on the device and are never copied back to the host.
+        with torch.no_grad(), borrow_to_device(layer, device), self._norm_on(norm_k, device) as norm:
+            x = inputs.to(device=device, dtype=next(layer.parameters()).dtype)
+            k, v = layer.key_value(x, norm)
+        return k.to(dtype), v.to(dtype)
+
+    @contextmanager
+    def _norm_on(self, norm, device) -> Iterator:
+        if (not isinstance(norm, nn.Module) or _all_on(norm, device)
+                or (self.norm_moves_itself is not None and self.norm_moves_itself(norm))):
+            yield norm
+        else:
+            with borrow_to_device(norm, device):
+                yield norm
+
+    def precompute(self, blocks: Sequence[nn.Module], identities: Sequence[str] = IDENTITIES, *,
+                   device, dtype: torch.dtype, ip: bool = True, ref: bool = True) -> int:
+        """Fill the keys/values of every block for ``identities`` before the steps; returns :meth:`nbytes`.
+
+        ``blocks`` are the DiT's blocks (their ``self_attn.norm_k`` / ``cross_attn.norm_k`` norm the
+        keys); ``ip`` / ``ref`` select the ID- and Ref-adapter parts.
+        """
+        for ident in identities:
+            if ident not in IDENTITIES:
+                raise ValueError(f"identity {ident!r} is unknown; use {IDENTITIES}")
+        for index, block in enumerate(blocks):
+            for ident in identities:
+                if ip:
+                    self.ip_kv(index, block, ident, device, dtype)
+                if ref:
+                    self.ref_kv(index, block, ident, device, dtype)
+        return self.nbytes()
+
+    def nbytes(self) -> int:
+        """Bytes of the cached keys/values (what they occupy on their device)."""
+        return sum(t.numel() * t.element_size()
+                   for entry in (*self._ip.values(), *self._ref.values()) if entry is not None for t in entry)
 
     def clear(self) -> None:
         self._ip.clear()
         self._ref.clear()
+
+
+def _same_device(t: torch.Tensor, device) -> bool:
+    dev = torch.device(device)
+    return t.device.type == dev.type and (dev.index is None or t.device.index == dev.index)
+
+
+def _all_on(module: nn.Module, device) -> bool:
+    return all(_same_device(t, device) for t in (*module.parameters(), *module.buffers()))
+
+
+def _fits(store: dict, key, device, dtype) -> bool:
+    """A cached entry that the block can use as is (None means 'no adapter on this block')."""
+    if key not in store:
+        return False
+    entry = store[key]
+    return entry is None or (entry[0].dtype == dtype and _same_device(entry[0], device))
 
 
 def _stack(parts: list):
@@ -99,10 +165,11 @@ def _stack(parts: list):
 class LynxPatch:
     """Adapter inputs for every block of a generation; ``active`` implements the start/end window."""
 
-    def __init__(self, adapters, conditioning: LynxConditioning, ip_scale: float = 1.0, ref_scale: float = 1.0):
+    def __init__(self, adapters, conditioning: LynxConditioning, ip_scale: float = 1.0, ref_scale: float = 1.0,
+                 norm_moves_itself: Callable[[nn.Module], bool] | None = None):
         self.adapters = adapters
         self.conditioning = conditioning
-        self.cache = AdapterKVCache(adapters, conditioning)
+        self.cache = AdapterKVCache(adapters, conditioning, norm_moves_itself=norm_moves_itself)
         self.ip_scale = float(ip_scale)
         self.ref_scale = float(ref_scale)
         self.active = True
@@ -123,6 +190,16 @@ class LynxPatch:
         if ip is None and ref is None:
             return None
         return BlockAdapterInputs(ip=ip, ref=ref, ip_scale=self.ip_scale, ref_scale=self.ref_scale)
+
+    def precompute(self, blocks: Sequence[nn.Module], device, dtype: torch.dtype,
+                   identities: Sequence[str] = IDENTITIES) -> int:
+        """Compute every key/value the steps will use (scales of 0 skip their adapter) on ``device``
+        in ``dtype``, the dtype of the blocks' hidden states. Returns the cached bytes."""
+        nbytes = self.cache.precompute(blocks, identities, device=device, dtype=dtype,
+                                       ip=self.ip_scale != 0.0, ref=self.ref_scale != 0.0 and self.has_reference)
+        log.info("Lynx: adapter keys/values precomputed for %d blocks x %d identities on %s: %.1f MB",
+                 len(blocks), len(identities), device, nbytes / 2**20)
+        return nbytes
 
     def release(self) -> None:
         self.cache.clear()

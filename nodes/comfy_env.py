@@ -134,6 +134,12 @@ def output_directory() -> Path:
     return Path(folder_paths.get_output_directory())
 
 
+def temp_directory() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_temp_directory())
+
+
 def interrupt_requested() -> bool:
     try:
         import comfy.model_management

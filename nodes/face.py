@@ -9,6 +9,7 @@ import torch
 
 from . import comfy_env
 from .payloads import LYNX_FACE
+from lynx_core.video import next_free_path
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,25 @@ class LynxEncodeFaceID:
             aligned = uint8_to_images(identity.crop256)
         else:
             aligned = torch.full((1, 256, 256, 3), 0.5)
-        return (identity, preview, aligned)
+        # Shown on the node itself (like Preview Image), so users see which face was used without
+        # wiring a preview node; the caption text is rendered by web/lynx_preview.js.
+        ui = {"images": save_temp_previews(analyzer.previews(pixels, identity)),
+              "lynx_faces": [identity.summary()]}
+        return {"ui": ui, "result": (identity, preview, aligned)}
+
+
+def save_temp_previews(previews: list[np.ndarray], prefix: str = "lynx_face") -> list[dict]:
+    """Write preview PNGs to ComfyUI's temp folder; returns the ui image records."""
+    from PIL import Image
+
+    out = []
+    temp = comfy_env.temp_directory()
+    temp.mkdir(parents=True, exist_ok=True)
+    for arr in previews:
+        path = next_free_path(temp, prefix, "png")
+        Image.fromarray(arr).save(path, compress_level=1)
+        out.append({"filename": path.name, "subfolder": "", "type": "temp"})
+    return out
 
 
 def cosine_per_frame(analyzer, frames: np.ndarray, reference: torch.Tensor) -> list[float | None]:

@@ -90,10 +90,16 @@ def test_loader_errors_name_the_input(folder_paths):
 
 
 @pytest.fixture()
-def face_models(monkeypatch):
+def face_models(monkeypatch, tmp_path):
     root = models_root_with_arcface()
     monkeypatch.setattr(comfy_env, "models_root_dirs", lambda: [root])
+    monkeypatch.setattr(comfy_env, "temp_directory", lambda: tmp_path / "temp")
     return root
+
+
+def encode(image, on_no_face="error"):
+    out = LynxEncodeFaceID().encode(image, "mtcnn", "largest", 0, "torch", on_no_face)
+    return out["result"], out["ui"]
 
 
 def _image(arr: np.ndarray) -> torch.Tensor:
@@ -101,27 +107,34 @@ def _image(arr: np.ndarray) -> torch.Tensor:
 
 
 def test_encode_face_id_on_a_real_photo(face_models):
-    node = LynxEncodeFaceID()
     photo = astronaut()
-    face, preview, aligned = node.encode(_image(photo), "mtcnn", "largest", 0, "torch", "error")
+    (face, preview, aligned), ui = encode(_image(photo))
     assert face.has_identity and face.embedding.shape == (512,)
     assert abs(float(face.embedding.norm()) - 1.0) < 1e-4
     assert preview.shape == (1, *photo.shape) and aligned.shape == (1, 256, 256, 3)
     assert not torch.equal(preview[0], _image(photo)[0]), "the preview must show the detection"
     torch.testing.assert_close(aligned[0], torch.from_numpy(face.crop256[0]).float() / 255.0)
+    # the node shows its preview itself: a temp PNG per photo, and the caption text
+    shown = face_models_temp(ui)
+    assert len(shown) == 1 and shown[0].exists()
+    assert "Identity from 1 face" in ui["lynx_faces"][0]
+
+
+def face_models_temp(ui):
+    return [comfy_env.temp_directory() / rec["filename"] for rec in ui["images"] if rec["type"] == "temp"]
 
 
 def test_encode_face_id_without_a_face(face_models):
-    node = LynxEncodeFaceID()
     with pytest.raises(Exception, match="No face"):
-        node.encode(_image(cat()), "mtcnn", "largest", 0, "torch", "error")
-    face, _preview, aligned = node.encode(_image(cat()), "mtcnn", "largest", 0, "torch", "pass_through")
+        encode(_image(cat()))
+    (face, _preview, aligned), ui = encode(_image(cat()), "pass_through")
     assert face.embedding is None and aligned.shape == (1, 256, 256, 3)
+    assert "No identity" in ui["lynx_faces"][0]
 
 
 def test_face_similarity_scores_each_frame(face_models):
     photo = astronaut()
-    (face, _p, _a) = LynxEncodeFaceID().encode(_image(photo), "mtcnn", "largest", 0, "torch", "error")
+    (face, _p, _a), _ui = encode(_image(photo))
     other = cat()
     frames = torch.cat([_image(photo), _image(np.ascontiguousarray(other[: photo.shape[0], : photo.shape[1]]))
                         if other.shape[:2] >= photo.shape[:2] else _image(np.zeros_like(photo))])
