@@ -18,6 +18,13 @@ Formats written by :func:`write_video`:
 
 Pillow merges consecutive identical frames of a GIF into one longer frame, so a GIF of a
 static clip reads back with fewer frames; the other formats keep every frame.
+
+Audio (``write_video(..., audio=(samples, sample_rate))``, ``samples`` float [channels, samples]
+in [-1, 1]): mp4 gets AAC (at the input rate when AAC supports it, else 48 kHz), webm gets Opus
+(always 48 kHz, Opus's own rate). The sound is cut, or padded at the end with silence, to exactly
+the video's duration ``frames / fps``, so the tracks end together. Mono and stereo are kept; more
+channels are reduced to the first two (logged). webp and gif cannot hold sound: the audio is
+dropped with a logged warning and the animation is written as usual.
 Files are written under a temporary name and renamed at the end, so a failed write never
 leaves a truncated file at ``path``.
 """
@@ -35,9 +42,22 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "write_video", "read_video", "probe", "next_free_path", "to_uint8_frames"]
+__all__ = [
+    "FORMATS",
+    "AUDIO_FORMATS",
+    "write_video",
+    "read_video",
+    "probe",
+    "next_free_path",
+    "to_uint8_frames",
+    "prepare_audio",
+]
 
 FORMATS = ("mp4", "webm", "webp", "gif")
+AUDIO_FORMATS = ("mp4", "webm")  # the containers that carry a sound track
+# (encoder, rate used when the encoder cannot take the input rate; None: always this rate)
+_AUDIO_CODECS = {"mp4": ("aac", 48000), "webm": ("libopus", None)}
+_OPUS_RATE = 48000
 _PIL_FORMATS = {"webp": "WEBP", "gif": "GIF"}
 _EXIF_PROMPT_TAG = 0x0110
 _EXIF_FIRST_TAG = 0x010F
@@ -114,6 +134,50 @@ def _check_metadata(metadata: Optional[dict]) -> dict[str, str]:
     return out
 
 
+def prepare_audio(audio: tuple[ArrayLike, int], n_frames: int, fps: float) -> tuple[np.ndarray, int]:
+    """Check ``(samples [C, S] or [S], sample_rate)`` and fit it to ``n_frames / fps`` seconds.
+
+    Returns float32 [C, S'] (C = 1 or 2) clamped to [-1, 1], cut or padded at the end with
+    silence to ``round(n_frames * sample_rate / fps)`` samples, and the sample rate.
+    """
+    if not isinstance(audio, (tuple, list)) or len(audio) != 2:
+        raise TypeError(
+            f"audio must be a (samples, sample_rate) pair with samples shaped [channels, samples] "
+            f"(got {type(audio).__name__}); pass None for no sound."
+        )
+    samples, rate = audio
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 1000 <= int(rate) <= 384000:
+        raise ValueError(f"audio sample rate must be an integer in [1000, 384000] Hz (got {rate!r}).")
+    rate = int(rate)
+    if hasattr(samples, "detach") and hasattr(samples, "cpu"):
+        samples = samples.detach().cpu().float().numpy()
+    wav = np.asarray(samples)
+    if wav.ndim == 1:
+        wav = wav[None]
+    if wav.ndim != 2 or wav.shape[0] < 1:
+        raise ValueError(
+            f"audio samples must have shape [channels, samples] (got {tuple(wav.shape)}); "
+            "take one item of a batched waveform first."
+        )
+    if not np.issubdtype(wav.dtype, np.floating):
+        raise TypeError(f"audio samples must be float in [-1, 1] (got dtype {wav.dtype}).")
+    if wav.shape[0] > 2:
+        logger.warning("audio has %d channels; keeping the first two (stereo)", wav.shape[0])
+        wav = wav[:2]
+    wav = wav.astype(np.float32)
+    if not np.isfinite(wav).all():
+        raise ValueError("audio samples contain NaN or infinite values.")
+    target = int(round(n_frames * rate / fps))
+    have = wav.shape[1]
+    if have > target:
+        logger.info("audio is %.3f s, the video %.3f s: cutting the sound to the video", have / rate, target / rate)
+        wav = wav[:, :target]
+    elif have < target:
+        logger.info("audio is %.3f s, the video %.3f s: padding the end with silence", have / rate, target / rate)
+        wav = np.pad(wav, ((0, 0), (0, target - have)))
+    return np.ascontiguousarray(np.clip(wav, -1.0, 1.0)), rate
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -126,12 +190,15 @@ def write_video(
     metadata: Optional[dict[str, str]] = None,
     crf: int = 19,
     loop: int = 0,
+    audio: Optional[tuple[np.ndarray, int]] = None,
 ) -> Path:
     """Write frames to ``path`` and return the final path (an extension is added if missing).
 
     ``crf`` applies to mp4/webm (lower = better; H.264 0–51, VP9 0–63); ``loop`` to webp/gif
-    (0 = forever). Non-string metadata values are stored as JSON. See the module doc for what
-    each format keeps.
+    (0 = forever). Non-string metadata values are stored as JSON. ``audio`` is
+    ``(float32 [channels, samples] in [-1, 1], sample_rate)`` or None: mp4 stores it as AAC and
+    webm as Opus, cut or padded with silence to the video's duration; webp/gif drop it with a
+    logged warning. See the module doc for what each format keeps.
     """
     path, fmt = _resolve_format(Path(path), format)
     try:
@@ -146,22 +213,69 @@ def write_video(
         raise ValueError(f"loop must be an integer ≥ 0 (got {loop!r}); 0 loops forever.")
     arr = to_uint8_frames(frames)
     meta = _check_metadata(metadata)
+    sound = prepare_audio(audio, arr.shape[0], fps_f) if audio is not None else None
+    if sound is not None and fmt not in AUDIO_FORMATS:
+        logger.warning(
+            "%s files cannot hold sound; writing %s without the audio (use mp4 or webm to keep it)", fmt, path.name
+        )
+        sound = None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.{fmt}")
     try:
         if fmt in ("mp4", "webm"):
-            _write_av(arr, tmp, fps_f, fmt, meta, int(crf))
+            _write_av(arr, tmp, fps_f, fmt, meta, int(crf), sound)
         else:
             _write_pil(arr, tmp, fps_f, fmt, meta, int(loop))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    logger.info("wrote %s (%d frames, %dx%d, %g fps)", path, arr.shape[0], arr.shape[2], arr.shape[1], fps_f)
+    logger.info(
+        "wrote %s (%d frames, %dx%d, %g fps%s)", path, arr.shape[0], arr.shape[2], arr.shape[1], fps_f,
+        ", with audio" if sound is not None else "",
+    )
     return path
 
 
-def _write_av(arr: np.ndarray, path: Path, fps: float, fmt: str, meta: dict[str, str], crf: int) -> None:
+def _add_audio_stream(container: Any, fmt: str, rate: int, channels: int) -> Any:
+    import av
+
+    codec, fallback = _AUDIO_CODECS[fmt]
+    if codec not in av.codecs_available:
+        raise RuntimeError(
+            f"this PyAV build has no {codec} encoder, needed for sound in {fmt}; install the PyAV wheel from PyPI "
+            "(`pip install -U av`) or write without audio."
+        )
+    supported = av.codec.Codec(codec, "w").audio_rates or ()
+    if fallback is None:
+        out_rate = _OPUS_RATE
+    else:
+        out_rate = rate if not supported or rate in supported else fallback
+    if out_rate != rate:
+        logger.info("resampling the audio from %d Hz to %d Hz for %s", rate, out_rate, codec)
+    return container.add_stream(codec, rate=out_rate, layout="stereo" if channels == 2 else "mono")
+
+
+def _audio_chunk(wav: np.ndarray, start: int, stop: int, rate: int) -> Any:
+    import av
+
+    layout = "stereo" if wav.shape[0] == 2 else "mono"
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav[:, start:stop]), format="fltp", layout=layout)
+    frame.sample_rate = rate
+    frame.time_base = Fraction(1, rate)
+    frame.pts = start
+    return frame
+
+
+def _write_av(
+    arr: np.ndarray,
+    path: Path,
+    fps: float,
+    fmt: str,
+    meta: dict[str, str],
+    crf: int,
+    sound: Optional[tuple[np.ndarray, int]] = None,
+) -> None:
     import av
 
     if arr.shape[1] % 2 or arr.shape[2] % 2:
@@ -183,14 +297,28 @@ def _write_av(arr: np.ndarray, path: Path, fps: float, fmt: str, meta: dict[str,
         stream = container.add_stream(codec, rate=rate, options=codec_opts)
         stream.width, stream.height = arr.shape[2], arr.shape[1]
         stream.pix_fmt = "yuv420p"
+        astream = _add_audio_stream(container, fmt, sound[1], sound[0].shape[0]) if sound is not None else None
         for i, img in enumerate(arr):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = i
             frame.time_base = 1 / rate
             for packet in stream.encode(frame):
                 container.mux(packet)
+            if astream is not None:
+                # Feed the sound that plays during this frame, so the muxer interleaves the two
+                # tracks as it goes instead of buffering the whole video.
+                wav, sr = sound  # type: ignore[misc]
+                lo, hi = int(round(i * sr / fps)), int(round((i + 1) * sr / fps))
+                if i == len(arr) - 1:
+                    hi = wav.shape[1]
+                if hi > lo:
+                    for packet in astream.encode(_audio_chunk(wav, lo, hi, sr)):
+                        container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+        if astream is not None:
+            for packet in astream.encode(None):
+                container.mux(packet)
 
 
 def _write_pil(arr: np.ndarray, path: Path, fps: float, fmt: str, meta: dict[str, str], loop: int) -> None:
@@ -268,7 +396,10 @@ def read_video(path: Union[str, Path]) -> np.ndarray:
 
 
 def probe(path: Union[str, Path]) -> dict[str, Any]:
-    """Frame count, size, fps, codec name and metadata of a written clip (without decoding mp4/webm)."""
+    """Frame count, size, fps, codec name, metadata and audio of a written clip (without decoding mp4/webm).
+
+    ``audio`` is None or ``{codec, sample_rate, channels, duration}`` (``duration`` None for webm).
+    """
     p = _existing(path)
     if _is_pil_format(p):
         return _probe_pil(p)
@@ -284,6 +415,16 @@ def probe(path: Union[str, Path]) -> dict[str, Any]:
         if "matroska" in container.format.name:
             # Matroska tag names are upper case by convention (ffmpeg writes them so).
             meta = {k.lower(): v for k, v in meta.items()}
+        audio = None
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            audio = {
+                "codec": a.codec_context.name,
+                "sample_rate": int(a.codec_context.sample_rate),
+                "channels": int(a.codec_context.channels),
+                # Matroska stores no per-stream duration.
+                "duration": float(a.duration * a.time_base) if a.duration else None,
+            }
         return {
             "frames": int(n),
             "width": int(stream.codec_context.width),
@@ -291,6 +432,7 @@ def probe(path: Union[str, Path]) -> dict[str, Any]:
             "fps": float(rate) if rate else 0.0,
             "codec": stream.codec_context.name,
             "metadata": meta,
+            "audio": audio,
         }
 
 
@@ -327,6 +469,7 @@ def _probe_pil(p: Path) -> dict[str, Any]:
             "fps": 1000.0 / duration if duration else 0.0,
             "codec": im.format.lower(),
             "metadata": meta,
+            "audio": None,
         }
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 
 from lynx_core.guidance import combine_three_pass, guidance_mode
-from lynx_core.lynx import COND, UNCOND
+from lynx_core.lynx import COND, IDENTITIES, UNCOND
 
-from .wan_patch import LynxRunState
+from .wan_patch import LynxRunState, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,19 @@ def guider_class():
             return c
 
         def inner_sample(self, noise, latent_image, device, *args, **kwargs):
-            # Runs after ComfyUI loaded the model: block swap streams what should not stay resident.
-            passes = {"three_pass": 3, "two_pass": 2}.get(guidance_mode(self.cfg, self.cfg_id), 1)
-            self.state.attach_swap(device, tuple(noise.shape), passes)
+            # ComfyUI has loaded the diffusion model (LoRA-patched weights on the device, or layers
+            # that cast on forward), not the adapters: their keys/values are computed now, once,
+            # before the first step, and block swap then streams what should not stay resident.
+            mode = guidance_mode(self.cfg, self.cfg_id)
+            passes = {"three_pass": 3, "two_pass": 2}.get(mode, 1)
+            identities = IDENTITIES if passes > 1 else (COND,)
+            st = self.state
             try:
+                st.prepare_run(device, compute_dtype(getattr(self, "inner_model", None), st.blocks),
+                               tuple(noise.shape), passes, identities)
                 return super().inner_sample(noise, latent_image, device, *args, **kwargs)
             finally:
-                self.state.detach_swap()
+                st.detach_swap()
 
         def outer_sample(self, *args, **kwargs):
             # Interrupt, OOM or success: the cached adapter keys/values never outlive the run, and

@@ -21,9 +21,13 @@ LYNX_REF = "LYNX_REF"
 
 @dataclass
 class AdaptersHandle:
-    """Loaded Lynx adapters. ``patcher()`` wraps them in a ComfyUI ModelPatcher so ComfyUI's memory
-    manager loads them with the patched MODEL (an additional model) and evicts them when it needs
-    the room, instead of the pack holding them on the GPU."""
+    """Loaded Lynx adapters (weights on ComfyUI's offload device, normally the CPU).
+
+    The sampler does not load them to the GPU: before the steps it streams one adapter layer at a
+    time to the GPU to precompute the keys/values (``lynx_core.lynx.LynxPatch.precompute``), reading
+    the weights wherever they are. ``patcher()`` wraps them in a ComfyUI ModelPatcher for any code
+    that wants ComfyUI to load them; ComfyUI's memory manager then owns that placement and evicts
+    them when it needs the room. They are not an additional model of the sampling MODEL."""
 
     adapters: Any  # lynx_core.adapters.LynxAdapters (kept on the offload device between runs)
     source: str

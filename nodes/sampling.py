@@ -12,7 +12,7 @@ from lynx_core.sampling.schedule import flow_sigmas
 from . import comfy_env
 from .guider import guider_class
 from .payloads import LYNX_ADAPTERS, LYNX_FACE, LYNX_REF, AdaptersHandle, ReferenceFeatures
-from .wan_patch import LynxRunState, check_model_fits, patch_model
+from .wan_patch import LynxRunState, casts_weights_itself, check_model_fits, patch_model
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,14 @@ def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scal
         log.info("reference: %s adapters have no Ref-adapter; the reference is not used", handle.variant)
 
     conditioning = make_conditioning(handle.adapters, embedding, ref_cond, ref_uncond)
-    patch = LynxPatch(handle.adapters, conditioning, ip_scale=ip_scale, ref_scale=ref_scale)
+    # The adapters stay where ComfyUI keeps them (CPU normally): the guider streams one layer at a
+    # time to the GPU to precompute their keys/values before the steps.
+    patch = LynxPatch(handle.adapters, conditioning, ip_scale=ip_scale, ref_scale=ref_scale,
+                      norm_moves_itself=casts_weights_itself)
     state = LynxRunState(patch=patch, start_percent=start_percent, end_percent=end_percent, blocks_to_swap=swap)
     if official_sigmas is not None:
         state.timestep_sigmas, state.timestep_values = official_sigmas
-    clone = patch_model(model, state, handle.patcher(), official_timesteps=official_sigmas is not None)
+    clone = patch_model(model, state, official_timesteps=official_sigmas is not None)
     guider = guider_class()(clone, state, cfg, cfg_id)
     guider.set_conds(positive, negative)
     return guider

@@ -6,8 +6,12 @@ adds, on the clone only,
 
 * a per-block replace patch (``patches_replace["dit"][("double_block", i)]``) for every block,
 * a DIFFUSION_MODEL wrapper that gives the model the official integer timesteps when the
-  ``lynx_official`` schedule is used,
-* the adapters as an additional model, so ComfyUI's memory manager loads and evicts them.
+  ``lynx_official`` schedule is used.
+
+The adapters are *not* an additional model of the clone: ComfyUI would load all 4+ GB of them to the
+GPU for the whole run. Once ComfyUI has loaded the diffusion model, the guider computes every
+block's adapter keys/values (``LynxRunState.prepare_run``), streaming one adapter layer at a time
+from wherever ComfyUI keeps the adapters; the steps then only read those cached keys/values.
 
 A block patch falls back to ComfyUI's own block whenever Lynx has nothing to add (outside the
 start/end window, a zero scale), so those steps are bit-identical to plain ComfyUI.
@@ -23,7 +27,7 @@ import torch
 
 from lynx_core.block import wan_block_forward
 from lynx_core.guidance import adapter_window_active_sigma, validate_window
-from lynx_core.lynx import COND, LynxPatch
+from lynx_core.lynx import COND, IDENTITIES, LynxPatch
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,24 @@ def check_model_fits(model_patcher, adapters, input_name: str = "model"):
     return dm, dim, num_blocks
 
 
+def casts_weights_itself(module: torch.nn.Module) -> bool:
+    """ComfyUI's cast-on-forward layers (lowvram, fp8 manual cast, GGUF) copy their weights to the
+    input's device and apply LoRA patches themselves, so they are called as they are."""
+    return bool(getattr(module, "comfy_cast_weights", False))
+
+
+def compute_dtype(base_model, blocks: Sequence[torch.nn.Module] = ()) -> torch.dtype:
+    """The dtype of the hidden states in ComfyUI's Wan blocks (``BaseModel._apply_model`` casts the
+    input to the manual-cast dtype, else to the weight dtype)."""
+    dtype = getattr(base_model, "manual_cast_dtype", None)
+    if dtype is None and hasattr(base_model, "get_dtype"):
+        dtype = base_model.get_dtype()
+    if dtype is None:
+        floats = [p.dtype for b in blocks[:1] for p in b.parameters() if p.is_floating_point()]
+        dtype = floats[0] if floats else torch.float32
+    return dtype
+
+
 def comfy_rope(x: torch.Tensor, freqs) -> torch.Tensor:
     from comfy.ldm.flux.math import apply_rope1
 
@@ -99,6 +121,8 @@ class LynxRunState:
     # Block swap (lynx_core.offload): requested count (0 off, -1 auto) and the live swapper.
     blocks_to_swap: int = 0
     swapper: object | None = None
+    # Bytes of the adapter keys/values precomputed for this run (kept out of the swap plan's budget).
+    kv_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.start_percent, self.end_percent = validate_window(self.start_percent, self.end_percent)
@@ -149,16 +173,40 @@ class LynxRunState:
         mapped = self.timestep_values.to(device=t.device)[best].to(t.dtype)
         return torch.where(close, mapped, t.reshape(-1)).reshape(t.shape)
 
-    def attach_swap(self, device, latent_shape: Sequence[int], passes: int = 3) -> None:
+    def _swaps(self, device) -> bool:
+        return bool(self.blocks_to_swap) and device is not None and torch.device(device).type != "cpu"
+
+    def prepare_run(self, device, dtype: torch.dtype, latent_shape: Sequence[int], passes: int = 3,
+                    identities: Sequence[str] = IDENTITIES) -> int:
+        """Before the first step (ComfyUI has loaded the model): precompute the adapter keys/values
+        on ``device``, then plan block swap with them counted. Returns the cached bytes."""
+        free = None
+        if self._swaps(device) and self.blocks_to_swap < 0 and torch.device(device).type == "cuda":
+            from lynx_core.offload import measure_free_bytes
+            from lynx_core.offload.plan import normalize_device
+
+            # Measured before the keys/values exist, so the plan's reserve can count them once.
+            free = measure_free_bytes(normalize_device(device))
+        self.kv_bytes = 0
+        if self.patch is not None:
+            self.kv_bytes = self.patch.precompute(self.blocks, device, dtype, identities)
+        self.attach_swap(device, latent_shape, passes, free_bytes=free)
+        return self.kv_bytes
+
+    def attach_swap(self, device, latent_shape: Sequence[int], passes: int = 3, free_bytes: int | None = None) -> None:
         """Stream ``blocks_to_swap`` blocks from host memory for this run (after ComfyUI loaded the model)."""
-        if not self.blocks_to_swap or device is None or torch.device(device).type == "cpu":
+        if not self._swaps(device):
             return
-        from lynx_core.offload import attach_block_swap
+        from lynx_core.offload import DEFAULT_RESERVE_BYTES, attach_block_swap
 
         tokens = int(latent_shape[2]) * (int(latent_shape[3]) // 2) * (int(latent_shape[4]) // 2) if len(latent_shape) == 5 else 0
         count = "auto" if self.blocks_to_swap < 0 else int(self.blocks_to_swap)
+        # ComfyUI's RoPE tables are float32 (rope_bytes=4); the cached adapter keys/values stay on
+        # the device for the whole run, so they are reserved next to the default headroom.
         self.swapper = attach_block_swap(self.blocks, count, device, borrowed=True, tokens=tokens,
-                                         batch=int(latent_shape[0]) if latent_shape else 1, passes=passes)
+                                         batch=int(latent_shape[0]) if latent_shape else 1, passes=passes,
+                                         reserve_bytes=DEFAULT_RESERVE_BYTES + self.kv_bytes, rope_bytes=4,
+                                         free_bytes=free_bytes)
 
     def detach_swap(self) -> None:
         if self.swapper is not None:
@@ -168,6 +216,7 @@ class LynxRunState:
     def release(self) -> None:
         """Drop per-generation caches (cached adapter keys/values); called in ``finally``."""
         self.detach_swap()
+        self.kv_bytes = 0
         if self.patch is not None:
             self.patch.release()
             self.patch.active = True
@@ -211,8 +260,10 @@ def _timestep_wrapper(state: LynxRunState):
     return wrapper
 
 
-def patch_model(model_patcher, state: LynxRunState, adapters_patcher=None, official_timesteps: bool = False):
-    """A clone of ``model_patcher`` whose Wan blocks run through Lynx; the input is not modified."""
+def patch_model(model_patcher, state: LynxRunState, official_timesteps: bool = False):
+    """A clone of ``model_patcher`` whose Wan blocks run through Lynx; the input is not modified.
+
+    The adapters are deliberately not added as an additional model (see the module docstring)."""
     import comfy.patcher_extension
 
     dm, _dim, num_blocks = wan_diffusion_model(model_patcher)
@@ -223,6 +274,4 @@ def patch_model(model_patcher, state: LynxRunState, adapters_patcher=None, offic
     if official_timesteps:
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
                                    _timestep_wrapper(state))
-    if adapters_patcher is not None:
-        clone.set_additional_models(PATCH_KEY, [adapters_patcher])
     return clone

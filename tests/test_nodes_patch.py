@@ -262,13 +262,14 @@ def test_patch_model_patches_a_clone_only(setup, monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.patcher_extension", ext)
     user = _FakePatcher(types.SimpleNamespace(diffusion_model=model))
-    clone = wp.patch_model(user, wp.LynxRunState(), adapters_patcher="adapters", official_timesteps=True)
+    clone = wp.patch_model(user, wp.LynxRunState(), official_timesteps=True)
     assert clone is not user
     assert not user.replaced and not user.wrappers and not user.additional
     assert sorted(k[2] for k in clone.replaced) == list(range(CFG.num_layers))
     assert all(k[:2] == ("dit", "double_block") for k in clone.replaced)
     assert ("diffusion_model", wp.PATCH_KEY) in clone.wrappers
-    assert clone.additional == {wp.PATCH_KEY: ["adapters"]}
+    # The adapters are not an additional model: ComfyUI must not load their 4+ GB for the steps.
+    assert clone.additional == {}
 
 
 def test_model_checks_refuse_other_widths_and_non_wan(setup):

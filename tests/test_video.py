@@ -173,3 +173,102 @@ def test_next_free_path_subfolder_prefix(tmp_path):
 def test_next_free_path_rejects_bad_prefix(tmp_path, prefix):
     with pytest.raises(ValueError, match="prefix"):
         next_free_path(tmp_path / "out", prefix, "mp4")
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
+
+
+def _tone(seconds: float, rate: int, channels: int = 2, start: float = 0.0) -> np.ndarray:
+    """float32 [channels, samples]: silence until ``start`` s, then a 440 Hz tone at 0.5."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    wave = 0.5 * np.sin(2 * np.pi * 440 * t) * (t >= start)
+    return np.stack([wave * (0.5 + 0.5 * c) for c in range(channels)]).astype(np.float32)
+
+
+def _decode_audio(path):
+    """Decoded samples [C, S] float, the decoded rate and the stream's header duration (None for webm)."""
+    import av
+
+    with av.open(str(path)) as f:
+        assert len(f.streams.video) == 1 and len(f.streams.audio) == 1
+        stream = f.streams.audio[0]
+        header = float(stream.duration * stream.time_base) if stream.duration else None
+        chunks, rate = [], None
+        for fr in f.decode(stream):
+            chunks.append(fr.to_ndarray().reshape(fr.layout.nb_channels, -1) if fr.format.is_planar
+                          else fr.to_ndarray().reshape(-1, fr.layout.nb_channels).T)
+            rate = fr.sample_rate
+    return np.concatenate(chunks, axis=1), rate, header
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
+
+AUDIO_CASES = [("mp4", 16000, "aac", 16000), ("mp4", 44100, "aac", 44100), ("webm", 16000, "opus", 48000)]
+
+
+@pytest.mark.parametrize("fmt,rate,codec,out_rate", AUDIO_CASES)
+def test_audio_is_muxed_with_the_video_duration_and_rate(tmp_path, fmt, rate, codec, out_rate):
+    fps, n = 16.0, 16  # a 1 s clip
+    clip = _smooth_clip(frames=n)
+    silent = read_video(write_video(clip, tmp_path / f"silent.{fmt}", fps=fps))
+    # 0.5 s of tone: the rest of the second must be padded with silence.
+    path = write_video(clip, tmp_path / f"sound.{fmt}", fps=fps, audio=(_tone(0.5, rate), rate),
+                       metadata={"comment": "x"})
+    info = probe(path)
+    assert info["audio"] == {"codec": codec, "sample_rate": out_rate, "channels": 2,
+                             "duration": info["audio"]["duration"]}
+    assert info["frames"] == n and info["metadata"]["comment"] == "x"
+    samples, dec_rate, header = _decode_audio(path)
+    assert dec_rate == out_rate and samples.shape[0] == 2
+    one_frame = out_rate / fps
+    assert abs(samples.shape[1] - out_rate * n / fps) <= one_frame
+    if header is not None:  # mp4 stores the stream duration
+        assert abs(header - n / fps) <= 1 / fps
+    # Tone in the first half, silence in the padded second half (a margin for codec smearing).
+    first, second = samples[:, : int(0.4 * out_rate)], samples[:, int(0.6 * out_rate):]
+    assert _rms(first[0]) > 0.1 and _rms(first[1]) > 1.5 * _rms(first[0])  # channels kept apart
+    assert _rms(second) < 0.01
+    # The video track is the same as without sound.
+    assert np.array_equal(read_video(path), silent)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm"])
+def test_long_audio_is_cut_to_the_video(tmp_path, fmt):
+    fps, n, rate = 8.0, 8, 16000  # a 1 s clip; the audio is silent for 1 s, then a tone for 2 s
+    audio = _tone(3.0, rate, channels=1, start=1.0)
+    path = write_video(_smooth_clip(frames=n), tmp_path / f"long.{fmt}", fps=fps, audio=(audio, rate))
+    samples, dec_rate, _ = _decode_audio(path)
+    assert samples.shape[0] == 1 and probe(path)["audio"]["channels"] == 1
+    assert abs(samples.shape[1] - dec_rate * n / fps) <= dec_rate / fps
+    assert _rms(samples[:, : int(0.9 * dec_rate)]) < 0.01  # nothing after the first second was kept
+
+
+@pytest.mark.parametrize("fmt", ["webp", "gif"])
+def test_audio_for_animated_images_is_dropped_with_a_warning(tmp_path, fmt, caplog):
+    clip = _smooth_clip(frames=4)
+    plain = read_video(write_video(clip, tmp_path / f"plain.{fmt}", fps=16))
+    with caplog.at_level("WARNING", logger="lynx_core.video"):
+        path = write_video(clip, tmp_path / f"sound.{fmt}", fps=16, audio=(_tone(0.25, 16000), 16000))
+    assert path.is_file() and probe(path)["audio"] is None
+    assert np.array_equal(read_video(path), plain)
+    assert any("cannot hold sound" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_audio_input_errors(tmp_path):
+    clip = _smooth_clip(frames=2)
+    good = _tone(0.1, 16000)
+    with pytest.raises(TypeError, match="audio must be a"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, audio=good)
+    with pytest.raises(ValueError, match="sample rate"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, audio=(good, 0))
+    with pytest.raises(ValueError, match=r"\[channels, samples\]"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, audio=(good[None], 16000))
+    with pytest.raises(TypeError, match="float"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, audio=((good * 1000).astype(np.int16), 16000))
+    with pytest.raises(ValueError, match="NaN"):
+        write_video(clip, tmp_path / "x.mp4", fps=16, audio=(np.full((1, 100), np.nan, np.float32), 16000))
+    assert not list(tmp_path.iterdir())
