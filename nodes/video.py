@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +15,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ["mp4", "webm", "webp", "gif"]
 MIME = {"mp4": "video/mp4", "webm": "video/webm", "webp": "image/webp", "gif": "image/gif"}
-AUDIO_CODEC = {"mp4": "aac", "webm": "libopus"}
 
 
 def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
@@ -40,52 +36,32 @@ def frames_to_uint8(images: torch.Tensor) -> np.ndarray:
     return (arr.clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def mux_audio(video_path: Path, audio: dict, fmt: str) -> None:
-    """Add ``audio`` (ComfyUI AUDIO: waveform [B, C, S], sample_rate) to a written mp4/webm, in place.
+def comfy_audio_to_tuple(audio) -> tuple[np.ndarray, int] | None:
+    """ComfyUI AUDIO ``{"waveform": [B, C, S] tensor, "sample_rate": int}`` -> (float32 [C, S], rate).
 
-    The video stream is copied packet by packet; the audio is encoded (AAC for mp4, Opus for webm)
-    and cut to the video's duration.
+    Only the first item of a batch is used (a video has one sound track).
     """
-    import av
-
+    if audio is None:
+        return None
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise ValueError("audio: expected a ComfyUI AUDIO input (a dict with 'waveform' and 'sample_rate'), e.g. "
+                         "from Load Audio")
     waveform = audio["waveform"]
-    rate = int(audio["sample_rate"])
-    wav = waveform[0].detach().to("cpu", torch.float32).clamp(-1, 1).numpy()  # [C, S]
-    if wav.ndim == 1:
-        wav = wav[None]
-    wav = wav[:2]
-    tmp = video_path.with_name(f".{video_path.stem}.audio.{fmt}")
+    if not isinstance(waveform, torch.Tensor):
+        waveform = torch.as_tensor(np.asarray(waveform))
+    if waveform.ndim == 3:
+        if waveform.shape[0] > 1:
+            log.warning("audio: a batch of %d sound tracks was given; using the first", waveform.shape[0])
+        if waveform.shape[0] == 0:
+            raise ValueError("audio: the waveform batch is empty")
+        waveform = waveform[0]
+    if waveform.ndim != 2:
+        raise ValueError(f"audio: waveform must be [batch, channels, samples], got shape {tuple(waveform.shape)}")
     try:
-        with av.open(str(video_path)) as src, av.open(str(tmp), "w", format=fmt) as dst:
-            vin = src.streams.video[0]
-            duration = float(vin.duration * vin.time_base) if vin.duration else None
-            vout = dst.add_stream_from_template(vin)
-            dst.metadata.update(src.metadata)
-            layout = "stereo" if wav.shape[0] == 2 else "mono"
-            out_rate = 48000 if fmt == "webm" else rate
-            aout = dst.add_stream(AUDIO_CODEC[fmt], rate=out_rate, layout=layout)
-            if duration is not None:
-                wav = wav[:, : max(1, int(round(duration * rate)))]
-            for packet in src.demux(vin):
-                if packet.dts is None:
-                    continue
-                packet.stream = vout
-                dst.mux(packet)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav.reshape(1, -1) if layout == "mono" else wav.T.reshape(1, -1)),
-                                               format="flt", layout=layout)
-            frame.sample_rate = rate
-            frame.time_base = Fraction(1, rate)
-            frame.pts = 0
-            resampler = av.AudioResampler(format=aout.codec_context.format.name, layout=layout, rate=out_rate)
-            for rs in resampler.resample(frame) + resampler.resample(None):
-                for packet in aout.encode(rs):
-                    dst.mux(packet)
-            for packet in aout.encode(None):
-                dst.mux(packet)
-        os.replace(tmp, video_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        rate = int(audio["sample_rate"])
+    except (TypeError, ValueError):
+        raise ValueError(f"audio: sample_rate must be an integer, got {audio['sample_rate']!r}") from None
+    return waveform.detach().to("cpu", torch.float32).numpy(), rate
 
 
 class LynxVideoCombine:
@@ -107,8 +83,8 @@ class LynxVideoCombine:
                 "frame_rate": ("FLOAT", {"default": 16.0, "min": 0.1, "max": 240.0, "step": 0.1,
                                          "tooltip": "Frames per second (official: 16 for full, 24 for lite)."}),
                 "format": (FORMATS, {"default": "mp4",
-                           "tooltip": "mp4 (H.264) and webm (VP9) play everywhere and carry audio; webp and gif "
-                                      "are animated images (no audio)."}),
+                           "tooltip": "mp4 (H.264 + AAC sound) and webm (VP9 + Opus sound) play everywhere; webp "
+                                      "and gif are animated images and cannot hold sound."}),
                 "filename_prefix": ("STRING", {"default": "Lynx/lynx",
                                     "tooltip": "Name inside the output folder; sub-folders allowed. A 5-digit counter "
                                                "is appended (lynx_00001.mp4, ...)."}),
@@ -120,7 +96,9 @@ class LynxVideoCombine:
                                              "gif comment), so dragging the file into ComfyUI restores the graph."}),
             },
             "optional": {
-                "audio": ("AUDIO", {"tooltip": "Optional sound track (mp4/webm only), cut to the video length."}),
+                "audio": ("AUDIO", {"tooltip": "Optional sound track. mp4 and webm keep it, cut or padded with "
+                                               "silence to the video length. webp and gif cannot hold sound: the "
+                                               "video is written without it and a warning is logged."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -133,12 +111,8 @@ class LynxVideoCombine:
         frames = frames_to_uint8(images)
         path = next_free_path(out_dir, filename_prefix or "Lynx/lynx", format)
         meta = workflow_metadata(prompt, extra_pnginfo) if save_metadata else {}
-        path = write_video(frames, path, fps=float(frame_rate), format=format, metadata=meta, crf=int(crf))
-        if audio is not None:
-            if format in AUDIO_CODEC:
-                mux_audio(path, audio, format)
-            else:
-                log.warning("audio: %s files cannot hold sound; the audio input is ignored (use mp4 or webm)", format)
+        path = write_video(frames, path, fps=float(frame_rate), format=format, metadata=meta, crf=int(crf),
+                           audio=comfy_audio_to_tuple(audio))
         subfolder = path.parent.resolve().relative_to(out_dir.resolve()).as_posix()
         entry = {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output",
                  "format": MIME[format], "frame_rate": float(frame_rate)}

@@ -207,6 +207,26 @@ def test_video_combine_muxes_audio_into_mp4(out_dir):
     assert read_video(path).shape[0] == 8
 
 
+def test_video_combine_audio_in_webm_and_dropped_for_gif(out_dir, caplog):
+    rate = 22050
+    t = torch.arange(rate // 2) / rate  # 0.5 s of sound for a 1 s clip: padded with silence
+    wave = torch.stack([torch.sin(2 * torch.pi * 330 * t), torch.zeros_like(t)])[None] * 0.3  # [1, 2, S]
+    audio = {"waveform": wave, "sample_rate": rate}
+    res = LynxVideoCombine().combine(_frames(8), 8.0, "webm", "lynx_audio", 30, True, audio=audio)
+    info = probe(out_dir / res["ui"]["videos"][0]["filename"])
+    assert info["audio"]["codec"] == "opus" and info["audio"]["channels"] == 2 and info["frames"] == 8
+    with caplog.at_level("WARNING"):
+        res = LynxVideoCombine().combine(_frames(8), 8.0, "gif", "lynx_audio", 19, True, audio=audio)
+    path = out_dir / res["ui"]["videos"][0]["filename"]
+    assert path.is_file() and probe(path)["audio"] is None
+    assert any("cannot hold sound" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="audio: expected a ComfyUI AUDIO"):
+        LynxVideoCombine().combine(_frames(2), 8.0, "mp4", "x", 19, True, audio={"samples": wave})
+    with pytest.raises(ValueError, match="audio: waveform must be"):
+        LynxVideoCombine().combine(_frames(2), 8.0, "mp4", "x", 19, True,
+                                   audio={"waveform": torch.zeros(1, 1, 2, 8), "sample_rate": rate})
+
+
 def test_video_combine_rejects_bad_input(out_dir):
     with pytest.raises(ValueError, match="images"):
         LynxVideoCombine().combine(torch.zeros(0, 8, 8, 3), 8.0, "mp4", "x", 19, True)

@@ -161,6 +161,10 @@ class _FakeGuiderBase:
             raise KeyboardInterrupt("interrupted")
         return "sampled"
 
+    def inner_sample(self, noise, latent_image, device, *args, **kwargs):
+        # ComfyUI runs the steps here; the test hook looks at the state the first step would see.
+        return kwargs["hook"](self)
+
 
 @pytest.fixture()
 def fake_comfy(monkeypatch):
@@ -308,3 +312,100 @@ def test_blocks_to_swap_is_checked_against_the_model():
         check_blocks_to_swap(41, 40)
     with pytest.raises(ValueError, match="blocks_to_swap=-2"):
         check_blocks_to_swap(-2, 40)
+
+
+# ------------------------------------------------------------------ adapter K/V before the steps
+class _FakeSwapper:
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture()
+def recorded_swap(monkeypatch):
+    """attach_block_swap replaced by a recorder; block swap 'runs' on the CPU for these tests."""
+    import lynx_core.offload as offload
+
+    calls = []
+
+    def attach(blocks, count, device, **kw):
+        calls.append((count, kw))
+        return _FakeSwapper()
+
+    monkeypatch.setattr(offload, "attach_block_swap", attach)
+    monkeypatch.setattr(wp.LynxRunState, "_swaps", lambda self, device: bool(self.blocks_to_swap))
+    return calls
+
+
+def test_prepare_run_precomputes_then_plans_swap_with_the_kv_reserved(setup, recorded_swap):
+    from lynx_core.offload import DEFAULT_RESERVE_BYTES
+
+    model, adapters, conditioning, *_ = setup
+    patch = LynxPatch(adapters, conditioning)
+    state = wp.LynxRunState(patch=patch, blocks=list(model.blocks), blocks_to_swap=2)
+    kv = state.prepare_run(torch.device("cpu"), torch.float32, (1, 16, 2, 4, 4), passes=3)
+    assert kv == patch.cache.nbytes() == state.kv_bytes > 0
+    assert len(patch.cache._ip) == len(patch.cache._ref) == 2 * CFG.num_layers
+    (count, kw), = recorded_swap
+    assert count == 2 and kw["borrowed"] is True and kw["rope_bytes"] == 4
+    assert kw["reserve_bytes"] == DEFAULT_RESERVE_BYTES + kv
+    assert all(p.device.type == "cpu" for p in adapters.parameters())
+    swapper = state.swapper
+    state.release()
+    assert swapper.closed and state.swapper is None and state.kv_bytes == 0 and not patch.cache._ip
+
+
+def test_casts_weights_itself_and_compute_dtype():
+    norm = torch.nn.LayerNorm(4)
+    assert not wp.casts_weights_itself(norm)
+    norm.comfy_cast_weights = True
+    assert wp.casts_weights_itself(norm)
+    base = types.SimpleNamespace(manual_cast_dtype=torch.float16, get_dtype=lambda: torch.float8_e4m3fn)
+    assert wp.compute_dtype(base) == torch.float16
+    base.manual_cast_dtype = None
+    assert wp.compute_dtype(base) == torch.float8_e4m3fn
+    assert wp.compute_dtype(None, [torch.nn.Linear(2, 2).to(torch.bfloat16)]) == torch.bfloat16
+
+
+@pytest.mark.parametrize("cfg,cfg_id,identities", [(5.0, 2.0, {COND, UNCOND}), (4.0, 1.0, {COND, UNCOND}),
+                                                   (1.0, 1.0, {COND})])
+def test_guider_precomputes_kv_before_the_first_step(fake_comfy, setup, lynx_rope_attention, cfg, cfg_id, identities):
+    model, adapters, conditioning, tokens, e, c, freqs = setup
+    patch = LynxPatch(adapters, conditioning)
+    state = wp.LynxRunState(patch=patch, blocks=list(model.blocks), cond_identities=[COND, UNCOND, COND])
+    g = guider_mod.guider_class()(object(), state, cfg=cfg, cfg_id=cfg_id)
+    seen = {}
+
+    def first_step(guider):
+        seen["keys"] = set(patch.cache._ip) | set(patch.cache._ref)
+        entries = {k: v for k, v in patch.cache._ip.items()}
+        rows = [0, 1, 2] if len(identities) == 2 else [0]
+        with torch.no_grad():
+            wp.LynxBlockPatch(1, state)(_args(tokens, e, c, freqs, len(rows), rows), {"original_block": None})
+        seen["reused"] = all(patch.cache._ip[k] is v for k, v in entries.items()) and len(patch.cache._ip) == len(entries)
+        return "denoised"
+
+    assert g.inner_sample(torch.zeros(1, 16, 2, 4, 4), None, torch.device("cpu"), hook=first_step) == "denoised"
+    assert seen["keys"] == {(i, ident) for i in range(CFG.num_layers) for ident in identities}
+    assert seen["reused"], "the block patch must read the precomputed keys/values"
+    g.outer_sample()
+    assert not patch.cache._ip and not patch.cache._ref
+
+
+def test_guider_detaches_swap_and_releases_kv_when_a_step_is_interrupted(fake_comfy, setup, recorded_swap):
+    model, adapters, conditioning, *_ = setup
+    patch = LynxPatch(adapters, conditioning)
+    state = wp.LynxRunState(patch=patch, blocks=list(model.blocks), blocks_to_swap=-1)
+    g = guider_mod.guider_class()(object(), state, cfg=5.0, cfg_id=2.0)
+
+    def interrupted(_guider):
+        assert state.swapper is not None and patch.cache._ip
+        raise KeyboardInterrupt("interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        g.inner_sample(torch.zeros(1, 16, 2, 4, 4), None, torch.device("cpu"), hook=interrupted)
+    assert state.swapper is None and recorded_swap[0][0] == "auto"
+    with pytest.raises(KeyboardInterrupt):
+        g.outer_sample(fail=True)
+    assert not patch.cache._ip and not patch.cache._ref and state.kv_bytes == 0
