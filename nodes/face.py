@@ -82,7 +82,8 @@ class LynxEncodeFaceID:
                                               "(the preview shows the numbers)."}),
             "arcface_backend": (ARCFACE_BACKENDS, {"default": "torch",
                                 "tooltip": "Run ArcFace IR-SE50 (models/facexlib/recognition_arcface_ir_se50.pth) "
-                                           "with PyTorch or with onnxruntime (exported once next to the .pth)."}),
+                                           "with PyTorch or with onnxruntime. onnx runs from recognition_arcface_ir_se50.onnx alone; "
+                                           "the .pth is only needed to export it the first time."}),
             "on_no_face": (list(ON_NO_FACE), {"default": "error",
                            "tooltip": "error: stop when a photo has no usable face. pass_through: skip it; with no "
                                       "face at all the video is made without an identity (keeps batch queues running)."}),

@@ -228,7 +228,7 @@ class FaceAnalyzer:
                     "clearly visible, frontal and at least ~40 px wide"
                 )
                 if on_no_face == "error":
-                    raise NoFaceError(msg + ", or set 'on no face' to skip/pass-through.", image_index=i)
+                    raise NoFaceError(msg + ", or set on_no_face to pass_through (on_no_face='skip' in the Python API) to skip it.", image_index=i)
                 logger.warning("%s; skipping it.", msg)
                 messages.append(f"{label}: no face found, skipped.")
                 chosen.append([])
