@@ -151,7 +151,11 @@ def _fits(store: dict, key, device, dtype) -> bool:
     if key not in store:
         return False
     entry = store[key]
-    return entry is None or (entry[0].dtype == dtype and _same_device(entry[0], device))
+    if entry is None or (entry[0].dtype == dtype and _same_device(entry[0], device)):
+        return True
+    log.info("Lynx: adapter keys/values of block %d (%s) were cached as %s on %s but the block runs in %s "
+             "on %s; recomputing", key[0], key[1], entry[0].dtype, entry[0].device, dtype, device)
+    return False
 
 
 def _stack(parts: list):
