@@ -221,7 +221,7 @@ def _main(args: argparse.Namespace) -> dict:
         default_swap = "auto" if device.type == "cuda" else str(n_blocks // 2)
     swap_arg = args.blocks_to_swap or default_swap
     tokens = math.prod(grid)
-    attention = get_attention("auto", device)
+    attention = get_attention("auto")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     results: dict = {"device": str(device), "gpu": gpu,
                      "blocks": n_blocks, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "tokens": tokens, "grid": grid,

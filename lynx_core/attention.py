@@ -5,6 +5,7 @@ All backends take and return [B, L, heads*head_dim] so the same call site works 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable
@@ -26,6 +27,7 @@ def attention_sdpa(q, k, v, heads: int) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b, lq, c)
 
 
+@functools.lru_cache(maxsize=None)
 def _flash_fn():
     try:
         from flash_attn_interface import flash_attn_func  # FA3
@@ -39,6 +41,7 @@ def _flash_fn():
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _sage_fn():
     try:
         from sageattention import sageattn
@@ -74,9 +77,6 @@ def attention_sage(q, k, v, heads: int) -> torch.Tensor:
     return _run_nhd(fn, q, k, v, heads, tensor_layout="NHD")
 
 
-_IMPLS = {"sdpa": attention_sdpa, "flash": attention_flash, "sage": attention_sage}
-
-
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     names = ["sdpa"]
     on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
@@ -87,16 +87,24 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return names
 
 
-def get_attention(backend: str | None = None, device=None) -> AttentionFn:
-    """Resolve a backend name ('auto' picks flash, then sage, then sdpa on CUDA; sdpa elsewhere).
+def attention_auto(q, k, v, heads: int) -> torch.Tensor:
+    """flash-attn, then SageAttention, for half-precision CUDA tensors; SDPA for everything else
+    (an fp32 run is never silently downcast)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if _flash_fn() is not None:
+            return attention_flash(q, k, v, heads)
+        if _sage_fn() is not None:
+            return attention_sage(q, k, v, heads)
+    return attention_sdpa(q, k, v, heads)
 
-    The environment variable LYNX_ATTENTION overrides 'auto'.
-    """
+
+_IMPLS = {"auto": attention_auto, "sdpa": attention_sdpa, "flash": attention_flash, "sage": attention_sage}
+
+
+def get_attention(backend: str | None = None) -> AttentionFn:
+    """Resolve a backend name; the environment variable LYNX_ATTENTION overrides the default 'auto'."""
     backend = (backend or os.environ.get("LYNX_ATTENTION") or "auto").lower()
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        avail = available_backends(device)
-        backend = next((b for b in ("flash", "sage") if b in avail), "sdpa")
-        log.debug("attention backend: %s", backend)
     return _IMPLS[backend]
+

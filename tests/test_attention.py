@@ -21,9 +21,14 @@ def test_sdpa_matches_naive_with_different_kv_length():
     torch.testing.assert_close(A.attention_sdpa(q, k, v, 4), naive(q, k, v, 4), rtol=1e-5, atol=1e-5)
 
 
-def test_auto_on_cpu_is_sdpa(monkeypatch):
+def test_auto_uses_sdpa_on_cpu_even_when_kernels_are_installed(monkeypatch):
     monkeypatch.delenv("LYNX_ATTENTION", raising=False)
-    assert A.get_attention("auto", device="cpu") is A.attention_sdpa
+    assert A.get_attention() is A.attention_auto
+    called = []
+    monkeypatch.setattr(A, "_flash_fn", lambda: (lambda *a, **k: called.append(1)))
+    q = torch.randn(1, 5, 16)
+    torch.testing.assert_close(A.attention_auto(q, q, q, 2), A.attention_sdpa(q, q, q, 2))
+    assert not called
 
 
 def test_env_override_and_unknown_backend(monkeypatch):

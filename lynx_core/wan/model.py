@@ -111,7 +111,8 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, d * 6))
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = WanHead(cfg)
-        self.attention: AttentionFn = get_attention("sdpa")
+        # "auto": flash-attn / SageAttention for bf16/fp16 on CUDA when importable, SDPA otherwise.
+        self.attention: AttentionFn = get_attention()
 
     # -- pieces, public so the reference pass, block swap and training can reuse them --------------
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
