@@ -14,53 +14,47 @@ from .model import WanModel
 
 log = logging.getLogger(__name__)
 
-# Ordered (original regex, diffusers template) pairs; applied to the key suffix before .weight/.bias.
-_ORIG_TO_DIFF = [
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
-    (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
-    (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
-    (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
-    (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
-    (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
-    (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
-    (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
-    (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
-    (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
-    (r"^head\.head\.", "proj_out."),
-    (r"^head\.modulation$", "scale_shift_table"),
+# One table, both directions: {n} is a block index, {p} a projection letter (q/k/v). Names are
+# matched on the key up to its .weight/.bias suffix (or the whole key for bare parameters).
+_NAME_PAIRS = [
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("blocks.{n}.modulation", "blocks.{n}.scale_shift_table"),
+    ("blocks.{n}.self_attn.{p}.", "blocks.{n}.attn1.to_{p}."),
+    ("blocks.{n}.self_attn.o.", "blocks.{n}.attn1.to_out.0."),
+    ("blocks.{n}.self_attn.norm_{p}.", "blocks.{n}.attn1.norm_{p}."),
+    ("blocks.{n}.cross_attn.{p}.", "blocks.{n}.attn2.to_{p}."),
+    ("blocks.{n}.cross_attn.o.", "blocks.{n}.attn2.to_out.0."),
+    ("blocks.{n}.cross_attn.norm_{p}.", "blocks.{n}.attn2.norm_{p}."),
+    ("blocks.{n}.norm3.", "blocks.{n}.norm2."),
+    ("blocks.{n}.ffn.0.", "blocks.{n}.ffn.net.0.proj."),
+    ("blocks.{n}.ffn.2.", "blocks.{n}.ffn.net.2."),
+    ("head.head.", "proj_out."),
+    ("head.modulation", "scale_shift_table"),
 ]
-_DIFF_TO_ORIG = [
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"^proj_out\.", "head.head."),
-    (r"^scale_shift_table$", "head.modulation"),
-]
+_GROUPS = {"n": r"(?P<n>\d+)", "p": r"(?P<p>[qkv])"}
+
+
+def _compile(src: str, dst: str):
+    pattern = re.escape(src).replace(r"\{n\}", _GROUPS["n"]).replace(r"\{p\}", _GROUPS["p"])
+    pattern = "^" + pattern + ("" if src.endswith(".") else "$")
+    return re.compile(pattern), dst
+
+
+_ORIG_TO_DIFF = [_compile(o, d) for o, d in _NAME_PAIRS]
+_DIFF_TO_ORIG = [_compile(d, o) for o, d in _NAME_PAIRS]
+
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
 
 def _rename(key: str, table) -> str:
-    for pattern, repl in table:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
+    for pattern, template in table:
+        m = pattern.match(key)
+        if m:
+            return template.format(**m.groupdict()) + key[m.end():]
     return key
 
 
