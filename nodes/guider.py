@@ -9,6 +9,10 @@ every chunk of rows); the block patches turn that into per-row identities. Two-p
 ``[positive, negative]`` → ``[COND, UNCOND]`` and ComfyUI's own ``cfg_function`` (so CFG
 post-processing nodes keep working); cfg ≤ 1 runs the positive pass alone.
 
+The ``i`` pass evaluates the negative conds a second time, as copies with their own ``uuid``:
+ComfyUI reports ``transformer_options["uuids"]`` per chunk and caches keyed by it (EasyCache)
+would otherwise store and replay one entry for both the ``u`` and the ``i`` rows.
+
 ComfyUI's model calls return denoised predictions x0 = x − σ·v. The three weights
 (1 − g_i, g_i − g, g) sum to 1, so combining the x0s gives exactly x − σ·(combined v): the spec's
 velocity formula.
@@ -16,6 +20,7 @@ velocity formula.
 from __future__ import annotations
 
 import logging
+import uuid
 
 from lynx_core.guidance import combine_three_pass, guidance_mode
 from lynx_core.lynx import COND, IDENTITIES, UNCOND
@@ -25,6 +30,13 @@ from .wan_patch import LynxRunState, compute_dtype
 log = logging.getLogger(__name__)
 
 _CLASS = None
+
+
+def image_only_conds(negative: list | None) -> list | None:
+    """The negative conds for the ``i`` pass: the same entries, each with a fresh ``uuid``."""
+    if negative is None:
+        return None
+    return [dict(c, uuid=uuid.uuid4()) if isinstance(c, dict) else c for c in negative]
 
 
 def guider_class():
@@ -40,6 +52,7 @@ def guider_class():
             self.state = state
             self.cfg = float(cfg)
             self.cfg_id = float(cfg_id)
+            self._neg_i: tuple[list, list] | None = None  # (negative conds of this run, their i-pass copies)
 
         def set_cfg_id(self, cfg_id: float) -> None:
             self.cfg_id = float(cfg_id)
@@ -54,7 +67,7 @@ def guider_class():
             if mode == "three_pass":
                 st.cond_identities = [COND, UNCOND, COND]
                 c, u, i = comfy.samplers.calc_cond_batch(
-                    self.inner_model, [positive, negative, negative], x, timestep, model_options)
+                    self.inner_model, [positive, negative, self._image_only(negative)], x, timestep, model_options)
                 out = combine_three_pass(u, i, c, self.cfg, self.cfg_id)
                 for fn in model_options.get("sampler_post_cfg_function", []):
                     out = fn({"denoised": out, "cond": positive, "uncond": negative, "cond_scale": self.cfg,
@@ -69,6 +82,13 @@ def guider_class():
             st.cond_identities = [COND]
             (c,) = comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, model_options)
             return c
+
+        def _image_only(self, negative):
+            # Made once per run (ComfyUI keeps the same cond list for every step), so the uuids
+            # stay stable across steps as step caches expect.
+            if self._neg_i is None or self._neg_i[0] is not negative:
+                self._neg_i = (negative, image_only_conds(negative))
+            return self._neg_i[1]
 
         def inner_sample(self, noise, latent_image, device, *args, **kwargs):
             # ComfyUI has loaded the diffusion model (LoRA-patched weights on the device, or layers
@@ -91,6 +111,7 @@ def guider_class():
             try:
                 return super().outer_sample(*args, **kwargs)
             finally:
+                self._neg_i = None
                 self.state.release()
 
     _CLASS = LynxCFGGuider

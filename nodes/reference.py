@@ -125,7 +125,15 @@ class LynxEncodeReference:
         if not adapters.has_ref:
             log.info("Lynx Encode Reference: %s adapters have no Ref-adapter; nothing to compute", adapters.variant)
             return (ReferenceFeatures(cond={}, uncond={}, dim=dim, num_blocks=num_blocks, seed=int(seed)),)
+        if face is None or not hasattr(face, "embedding"):
+            raise TypeError("face: connect the 'face' output of Lynx Encode Face ID")
         crop = getattr(face, "reference_crop", None)
+        if face.embedding is None:
+            # Encode Face ID in pass_through mode found no face: the sampler then runs plain Wan, so the
+            # queue keeps going instead of stopping here.
+            log.warning("face: no usable face was found (on_no_face = pass_through); no reference features, "
+                        "the sampler will run without Lynx")
+            return (ReferenceFeatures(cond={}, uncond={}, dim=dim, num_blocks=num_blocks, seed=int(seed)),)
         if crop is None:
             raise ValueError("face: no face was found in the photo, so there is no reference image. Use a photo with "
                              "a visible face, or set ref_scale to 0 in the sampler and remove this node.")

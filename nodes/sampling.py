@@ -94,11 +94,16 @@ def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scal
         raise TypeError("face: connect the 'face' output of Lynx Encode Face ID")
     embedding = face.embedding
     if embedding is None:
-        log.warning("face: no usable face was found (pass-through); sampling without an identity")
+        return _plain_guider(model, positive, negative, cfg, cfg_id, start_percent, end_percent, swap, official_sigmas)
 
     ref_cond = ref_uncond = None
     if handle.has_ref and float(ref_scale) != 0.0:
-        if not isinstance(reference, ReferenceFeatures) or not reference.cond:
+        if isinstance(reference, ReferenceFeatures) and not reference.cond:
+            raise ValueError(
+                "reference: it holds no features: Lynx Encode Reference was given lite adapters (they have no "
+                "Ref-adapter) or a face without an identity. Connect the same full adapters and face to Lynx Encode "
+                "Reference, or set ref_scale to 0 to run without the Ref-adapter.")
+        if not isinstance(reference, ReferenceFeatures):
             raise ValueError(
                 "reference: full Lynx adapters need the reference features. Connect Lynx Encode Reference "
                 "to 'reference', or set ref_scale to 0 to run without the Ref-adapter.")
@@ -124,6 +129,23 @@ def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scal
     return guider
 
 
+def _plain_guider(model, positive, negative, cfg, cfg_id, start_percent, end_percent, swap, official_sigmas):
+    """No identity (Encode Face ID in pass_through mode found no face): plain Wan, no adapters.
+
+    Without an identity the image-only pass equals the unconditional one, so the three-pass
+    formula reduces to ordinary CFG; the guider runs that (two passes, or one for cfg ≤ 1).
+    """
+    log.warning("face: no usable face was found (on_no_face = pass_through); sampling plain Wan without "
+                "Lynx (no identity, the adapters and the reference are not used)")
+    state = LynxRunState(patch=None, start_percent=start_percent, end_percent=end_percent, blocks_to_swap=swap)
+    if official_sigmas is not None:
+        state.timestep_sigmas, state.timestep_values = official_sigmas
+    clone = patch_model(model, state, official_timesteps=official_sigmas is not None)
+    guider = guider_class()(clone, state, cfg, min(float(cfg_id), 1.0))
+    guider.set_conds(positive, negative)
+    return guider
+
+
 class LynxGuider:
     DESCRIPTION = ("Lynx guidance as a GUIDER for SamplerCustomAdvanced: the patched model and the "
                    "three-pass identity guidance, with your own noise, sampler and sigmas.")
@@ -144,6 +166,17 @@ class LynxGuider:
                    start_percent, end_percent, blocks_to_swap, reference=None):
         return (build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scale, ref_scale,
                              start_percent, end_percent, blocks_to_swap, reference),)
+
+
+def pure_noise_start(noise: torch.Tensor, sigma0: float | torch.Tensor) -> torch.Tensor:
+    """What to hand ComfyUI so that sampling starts from ``noise`` itself, as the official run does.
+
+    ComfyUI's flow models start from ``σ0·noise + (1 − σ0)·latent`` (an empty latent is 0), so the
+    noise is divided by σ0 here. ``σ0·(n/σ0)`` is ``n`` again up to one float32 ulp (about one
+    element in 4000 at σ0 = 0.9997; exact in the model's bf16/fp16 input but for rounding ties).
+    """
+    s = torch.as_tensor(sigma0, dtype=noise.dtype, device=noise.device)
+    return noise / s
 
 
 def comfy_sigmas(model_patcher, scheduler: str, steps: int, sampler_name: str) -> torch.Tensor:
@@ -212,10 +245,13 @@ class LynxSampler:
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
         latent["samples"] = samples
-        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        # The official noise is float32 from a CPU generator: ComfyUI's prepare_noise draws the same
+        # numbers for a float32 latent (row 0 of a batch is the official [1, 16, F', H/8, W/8] draw).
+        noise = comfy.sample.prepare_noise(samples.to(torch.float32) if official else samples, seed,
+                                           latent.get("batch_index"))
         if official and torch.count_nonzero(samples) == 0 and float(sigmas[0]) > 0:
             # The official run starts from pure noise at σ0 = 0.9997; ComfyUI would scale it by σ0.
-            noise = noise / float(sigmas[0])
+            noise = pure_noise_start(noise, sigmas[0])
         sampler = comfy.samplers.sampler_object(sampler_name)
         callback = latent_preview.prepare_callback(guider.model_patcher, sigmas.shape[-1] - 1, {})
         out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),

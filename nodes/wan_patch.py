@@ -52,10 +52,15 @@ def wan_diffusion_model(model_patcher, input_name: str = "model"):
         raise WanModelError(
             f"{input_name}: this is a {kind}, not a Wan2.1/Wan2.2 DiT. Load Wan2.1-T2V-14B (or a Wan2.2-A14B "
             "T2V expert) with a diffusion-model loader (Load Diffusion Model, a GGUF loader, ...) and connect it here.")
-    if getattr(dm, "img_emb", None) is not None or hasattr(blocks[0].cross_attn, "k_img"):
+    # Wan2.1 I2V has an image embedder; Wan2.2-I2V-A14B has none but takes 36 input channels
+    # (noise + image latent + mask) for 16 output channels, as do the Fun/camera variants.
+    in_ch = getattr(getattr(dm, "patch_embedding", None), "in_channels", None)
+    out_ch = getattr(dm, "out_dim", None)
+    image_conditioned = in_ch is not None and out_ch is not None and int(in_ch) != int(out_ch)
+    if getattr(dm, "img_emb", None) is not None or hasattr(blocks[0].cross_attn, "k_img") or image_conditioned:
         raise WanModelError(
-            f"{input_name}: this is a Wan image-to-video model; Lynx is trained on the text-to-video "
-            "Wan2.1-T2V-14B. Load the T2V model instead.")
+            f"{input_name}: this is a Wan image-to-video (image-conditioned) model; Lynx is trained on the "
+            "text-to-video Wan2.1-T2V-14B. Load the T2V model (or a Wan2.2-A14B T2V expert) instead.")
     if getattr(dm, "vace_blocks", None) is not None:
         log.warning("%s: a VACE Wan model; Lynx patches its main blocks only", input_name)
     dim = int(getattr(dm, "dim", 0) or blocks[0].modulation.shape[-1])

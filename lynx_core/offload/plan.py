@@ -43,6 +43,15 @@ def block_tensors(block: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, t
 
 
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter) + ((nn.Buffer,) if hasattr(nn, "Buffer") else ())
+
+
+def is_plain_tensor(t: torch.Tensor) -> bool:
+    """A tensor whose bytes are the weight (not a GGUF or other quantized tensor subclass, whose
+    metadata would be lost by pointing ``.data`` elsewhere)."""
+    return type(t) in _PLAIN_TYPES
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -165,6 +174,8 @@ class SwapPlan:
 
     @property
     def bus_bytes_per_forward(self) -> int:
+        """Host-to-device bytes per model call, whatever its batch (rows batched into one call share
+        the copies)."""
         return self.host_bytes
 
     def describe(self) -> str:
@@ -188,8 +199,9 @@ class SwapPlan:
                 + (f" + {fmt_bytes(self.ring_bytes - self.ring_size * self.slot_bytes)} fp8 staging"
                    if self.ring_bytes > self.ring_size * self.slot_bytes else "")
                 + "; "
-                f"{fmt_bytes(self.bus_bytes_per_forward)} over the bus per forward, "
-                f"{fmt_bytes(self.bus_bytes_per_forward * self.passes)} per {self.passes}-pass step")
+                f"{fmt_bytes(self.bus_bytes_per_forward)} over the bus per model call, "
+                f"{fmt_bytes(self.bus_bytes_per_forward * self.passes)} per {self.passes}-pass step "
+                "when each pass is its own call")
         budget = f"activations ~{fmt_bytes(self.activation_bytes)}, reserve {fmt_bytes(self.reserve_bytes)}"
         if self.free_bytes is not None:
             budget += f", free device memory {fmt_bytes(self.free_bytes)}"
@@ -266,10 +278,13 @@ def _check_count(blocks_to_swap, n: int) -> int | str:
 
 
 def _compute_dtype(blocks: Iterable[nn.Module]) -> torch.dtype:
+    """The dtype of the largest weight (a block's first tensor can be an fp32 modulation table in
+    an otherwise bf16 model); fp8 weights compute in bf16."""
     for block in blocks:
-        for _name, t in block_tensors(block):
-            if t.is_floating_point():
-                return t.dtype if t.element_size() > 1 else torch.bfloat16
+        floats = [t for _name, t in block_tensors(block) if t.is_floating_point()]
+        if floats:
+            t = max(floats, key=lambda t: t.numel())
+            return t.dtype if t.element_size() > 1 else torch.bfloat16
     return torch.float32
 
 
@@ -314,7 +329,24 @@ def plan_block_swap(blocks: Sequence[nn.Module], blocks_to_swap: int | str = "au
             here += nb if _on(t, dev) else 0
         block_bytes.append(total)
         on_device.append(here)
-    partly_off = [b for b in range(n) if any(not _on(t, dev) for _nm, t in block_tensors(blocks[b]))]
+    # Blocks holding GGUF or other quantized tensor subclasses cannot be streamed (their owner
+    # dequantizes them on the fly, from wherever they are).
+    opaque = [(b, name, type(t).__name__) for b in range(n) for name, t in block_tensors(blocks[b])
+              if not is_plain_tensor(t)]
+    opaque_blocks = {b for b, _name, _kind in opaque}
+    partly_off = [b for b in range(n) if b not in opaque_blocks
+                  and any(not _on(t, dev) for _nm, t in block_tensors(blocks[b]))]
+    if opaque:
+        b0, name0, kind0 = opaque[0]
+        what = f"blocks.{b0}.{name0} is a {kind0}, not a plain tensor (GGUF or another quantized format?)"
+        if count == "auto":
+            log.warning("block swap 'auto': %s; block swap streams nothing for this model and leaves its "
+                        "offloading to its loader (ComfyUI).", what)
+            count = 0
+        elif count:
+            raise BlockSwapError(f"blocks_to_swap={blocks_to_swap}: {what}, and block swap cannot stream it. "
+                                 "Set blocks_to_swap to 0 and let ComfyUI offload this model, or load the "
+                                 "model in bf16/fp16/fp8 instead.")
 
     if activation_bytes is None:
         activation_bytes = 0

@@ -4,12 +4,20 @@ How a swapped block runs (CUDA):
 
 * its weights live on the host as *masters*, made once, pinned where allowed, optionally fp8;
 * a dedicated copy stream copies them host-to-device into a free ring slot and records a
-  ``ready`` event; the compute stream waits on that event (the host never waits);
+  ``ready`` event; the compute stream waits on that event (from pinned masters the host never
+  waits; a pageable master, past the pinning cap, makes the driver stage the copy while the host
+  waits, which is correct but no faster than a synchronous copy);
 * while the block runs, its parameters' ``.data`` point into the slot, so the original module
   (lynx_core's block, ComfyUI's block and everything that reads ``module.weight``) computes with
   the streamed copy; afterwards they point back at the host master (nothing is copied back);
 * a ``free`` event recorded after the block's kernels lets the copy stream reuse the slot for the
   next block, which it starts as soon as the slot is free, overlapping the current compute.
+
+Memory safety across the two streams: the ring and the fp8 staging buffer are allocated once, on
+the compute stream, when the swapper attaches, and the copy stream only writes into them (it
+allocates nothing), so the caching allocator never sees a block change streams and no
+``record_stream`` is needed. They are freed only in :meth:`BlockSwapper.close`, after the copy
+stream and the last compute that read each slot have finished.
 
 On other devices (CPU in the tests) the copies are plain synchronous copies, but the ring, the
 pointer switching, the host masters and fp8 storage run the same code.
@@ -28,14 +36,19 @@ import torch.nn as nn
 
 from .host import (ALIGN, align_up, allocate_host, fmt_bytes, fp8_quantize, pack_chunks,
                    quantizable, release_cached_pinned_memory, view_bytes)
-from .plan import BlockSwapError, SwapPlan, _on, block_tensors, plan_block_swap
+from .host import fp8_dequantize
+from .plan import BlockSwapError, SwapPlan, _on, block_tensors, is_plain_tensor, plan_block_swap
 
 log = logging.getLogger(__name__)
 
 # (block_index, block, x, e, freqs, context) -> x, as lynx_core.wan.model.BlockFn
 BlockFn = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter, nn.Buffer) if hasattr(nn, "Buffer") else (torch.Tensor, nn.Parameter)
+
+
+def _is_host(t: torch.Tensor) -> bool:
+    """The tensor lives in host memory (a borrowed original there is kept as it is)."""
+    return t.device.type == "cpu"
 
 
 @dataclass
@@ -51,16 +64,28 @@ class _Entry:
     offset: int = 0                      # byte offset in a ring slot
     scale_offset: int = 0
     restore_to: torch.device | None = None  # borrowed GPU original: copied back there on close
+    original: torch.Tensor | None = None    # borrowed GPU original, held until attach succeeds
 
 
 @dataclass
 class _Job:
     """A host master still to be made (and the original it is made from)."""
     entry: _Entry
-    src: torch.Tensor | None
+    src: torch.Tensor
     quantize: bool
-    pending: int = 0
-    quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def master_bytes(self) -> int:
+        return self.src.numel() * (1 if self.quantize else self.src.element_size())
+
+    @property
+    def scale_offset(self) -> int:
+        """Byte offset of the fp32 row scales after the fp8 master, inside the job's packed item."""
+        return align_up(self.master_bytes, ALIGN)
+
+    @property
+    def nbytes(self) -> int:
+        return self.scale_offset + 4 * self.src.shape[0] if self.quantize else self.master_bytes
 
 
 @dataclass
@@ -144,7 +169,9 @@ class BlockSwapper:
     @property
     def device_bytes(self) -> int:
         """Device memory the ring (and fp8 staging) takes while allocated."""
-        return len(self._slots) * self._slot_bytes + self._staging_bytes if self._slots else 0
+        if not self._slots:
+            return 0
+        return len(self._slots) * self._slot_bytes + (self._staging_bytes if self._staging is not None else 0)
 
     def masters(self, index: int) -> dict[str, torch.Tensor]:
         """Host masters of a streamed block by parameter name (fp8 ones as stored)."""
@@ -152,45 +179,98 @@ class BlockSwapper:
         return {} if st is None else {e.name: e.master for e in st.entries}
 
     def attach(self) -> None:
-        """Make the host masters and put resident blocks on the device (once; idempotent)."""
+        """Make the host masters, put resident blocks on the device and allocate the ring (once;
+        idempotent). If anything fails (out of memory, a weight that cannot be streamed), every
+        weight is put back where it was before the error is raised."""
         if self._attached:
             return
-        with torch.no_grad(), torch.inference_mode(False):
-            if not self.plan.borrowed:
-                for b in self.plan.resident:
-                    for _name, t in block_tensors(self.blocks[b]):
-                        if not _on(t, self.device):
-                            t.data = t.data.to(self.device)
-            self._build_entries()
-            self._build_masters()
-            self._layout()
+        try:
+            with torch.no_grad(), torch.inference_mode(False):
+                if not self.plan.borrowed:
+                    for b in self.plan.resident:
+                        for _name, t in block_tensors(self.blocks[b]):
+                            if not _on(t, self.device):
+                                t.data = t.data.to(self.device)
+                self._build_entries()
+                self._build_masters()
+                self._layout()
+                # The device originals of a borrowed model were kept for a rollback until now;
+                # releasing them gives the ring its room.
+                for st in self._streams.values():
+                    for e in st.entries:
+                        e.original = None
+                # Allocated now rather than at the first block, so that an out-of-memory error comes
+                # here and ComfyUI's free-memory checks (cond batching) already see the ring.
+                self._ensure_ring()
+        except BaseException:
+            self._rollback()
+            raise
         self._attached = True
         log.info("%s\n  host masters: %s pinned, %s pageable", self.plan.describe(),
                  fmt_bytes(self.pinned_bytes), fmt_bytes(self.pageable_bytes))
 
     def close(self) -> None:
-        """Free the ring; for a borrowed model also restore every weight. Safe to call twice."""
-        if self._cuda and self._copy_stream is not None:
-            self._copy_stream.synchronize()
+        """Free the ring; for a borrowed model also restore every weight. Safe to call twice.
+
+        The copy stream and the last compute that read each ring slot are waited for first (a host
+        sync, once per run), so no copy or kernel is still using the memory that is released.
+        """
         for st in self._streams.values():
             for e in st.entries:
-                e.tensor.data = e.rest  # in case a use was cut short in a way `finally` could not see
-        self._slots = []
-        self._staging = None
-        self._staging_bytes = 0
-        self._copy_stream = None
+                if e.rest is not None:
+                    e.tensor.data = e.rest  # in case a use was cut short in a way `finally` could not see
+        self._release_ring()
         if self.plan.borrowed and self._attached:
             with torch.no_grad(), torch.inference_mode(False):
                 for st in self._streams.values():
                     for e in st.entries:
                         if e.restore_to is not None:
-                            e.tensor.data = e.master.to(e.restore_to)
-            self._streams = {}
-            self._order = []
-            self._chunks = []
-            self.pinned_bytes = self.pageable_bytes = 0
-            self._attached = False
-            release_cached_pinned_memory()
+                            e.tensor.data = e.master.to(e.restore_to)  # host-to-device, never back
+            self._forget_masters()
+
+    def _release_ring(self) -> None:
+        if self._cuda:
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
+            for slot in self._slots:
+                if slot.free is not None:
+                    slot.free.synchronize()
+        self._slots = []
+        self._staging = None
+        self._copy_stream = None
+
+    def _forget_masters(self) -> None:
+        self._streams = {}
+        self._order = []
+        self._chunks = []
+        self.pinned_bytes = self.pageable_bytes = 0
+        self._attached = False
+        release_cached_pinned_memory()
+
+    def _rollback(self) -> None:
+        """Undo a failed attach: every streamed weight back to what it was, ring and masters freed."""
+        with torch.no_grad(), torch.inference_mode(False):
+            for st in self._streams.values():
+                for e in st.entries:
+                    if e.original is not None:
+                        e.tensor.data = e.original   # the borrowed device original, never released
+                    elif e.restore_to is not None and e.master is not None:
+                        e.tensor.data = e.master.to(e.restore_to)
+                    elif self.plan.borrowed:
+                        continue                     # host originals were never touched
+                    elif e.scale is not None and e.master is not None and e.tensor.dtype != e.dtype:
+                        # An owned weight already replaced by its fp8 master: give it its dtype back
+                        # (the fp8-rounded values, which is what the swapped block computes with).
+                        e.tensor.data = fp8_dequantize(e.master, e.scale, e.dtype)
+                    e.original = None
+        try:
+            self._release_ring()
+        finally:
+            if self.plan.borrowed:
+                self._forget_masters()
+            else:
+                self._streams, self._order, self._chunks = {}, [], []
+                self.pinned_bytes = self.pageable_bytes = 0
 
     # ------------------------------------------------------------------ building
     def _build_entries(self) -> None:
@@ -203,7 +283,7 @@ class BlockSwapper:
             for name, t in block_tensors(self.blocks[b]):
                 if b not in whole and _on(t, dev):
                     continue  # a borrowed block's weights that are already on the device stay there
-                if type(t) not in _PLAIN_TENSORS:
+                if not is_plain_tensor(t):
                     raise BlockSwapError(
                         f"blocks.{b}.{name} is a {type(t).__name__}, not a plain tensor (GGUF or another "
                         "quantized format?); block swap cannot stream it. Set blocks_to_swap to 0 and let "
@@ -219,27 +299,22 @@ class BlockSwapper:
     def _build_masters(self) -> None:
         plan, dev = self.plan, self.device
         want_pin = plan.pin and self._cuda
-        jobs: list[_Job] = []
+        jobs: list[_Job | None] = []
         for st in self._streams.values():
             for e in st.entries:
                 src = e.tensor.data
                 # A borrowed model's device weights are copied back on close, so they stay exact.
                 q = (plan.host_dtype is not None and quantizable(src)
-                     and not (plan.borrowed and src.device.type != "cpu"))
-                if not q and src.device.type == "cpu" and src.is_contiguous() and (
-                        not want_pin or src.is_pinned()):
+                     and not (plan.borrowed and not _is_host(src)))
+                if not q and _is_host(src) and src.is_contiguous() and (not want_pin or src.is_pinned()):
                     e.master = src  # already where it should be: no copy, no extra RAM
                     self._settle(e, src)
                     continue
                 jobs.append(_Job(e, src, q))
-        items: list[tuple[_Job, str, int]] = []
-        for job in jobs:
-            items.append((job, "master", job.src.numel() * (1 if job.quantize else job.src.element_size())))
-            if job.quantize:
-                items.append((job, "scale", 4 * job.src.shape[0]))
-        for job, _kind, _n in items:
-            job.pending += 1
-        packing = pack_chunks([n for _j, _k, n in items], budget=plan.pin_limit_bytes if want_pin else 0)
+        # One packed item per original (an fp8 master and its row scales side by side), so each
+        # original is read, quantized and released in one go: its fp8 copy (on the GPU when CUDA
+        # quantizes) never waits for another chunk.
+        packing = pack_chunks([job.nbytes for job in jobs], budget=plan.pin_limit_bytes if want_pin else 0)
         by_chunk: dict[int, list[int]] = {}
         for i, (c, _off) in enumerate(packing.place):
             by_chunk.setdefault(c, []).append(i)
@@ -247,48 +322,62 @@ class BlockSwapper:
         self.pinned_bytes = self.pageable_bytes = 0
         # Chunk by chunk, and each original released as soon as its master is complete, so an owned
         # model's RAM peak stays near one copy of the weights plus one chunk.
+        pin_refused = False
         for c in sorted(by_chunk, key=lambda c: (c < 0, c)):
             chunk = None
-            if c >= 0:
-                chunk = allocate_host(packing.chunk_sizes[c], pin=True)
-                self._chunks.append(chunk)
-                self.pinned_bytes += packing.chunk_sizes[c]
-            for i in by_chunk[c]:
-                job, kind, n = items[i]
-                e, src = job.entry, job.src
-                if chunk is None and kind == "master" and not job.quantize and src.device.type == "cpu" \
-                        and src.is_contiguous():
-                    e.master = src  # over the pinning cap: the original serves, pageable
-                    self.pageable_bytes += n
+            if c >= 0 and not pin_refused:
+                try:
+                    chunk = allocate_host(packing.chunk_sizes[c], pin=True)
+                except RuntimeError as err:  # the OS refused to lock more pages: stream from pageable RAM
+                    pin_refused = True
+                    log.warning("block swap: pinning %s more host memory failed (%s); the remaining weights "
+                                "stay pageable (correct, but their copies no longer overlap compute). Lower "
+                                "pin_limit_bytes to silence this.", fmt_bytes(packing.chunk_sizes[c]), err)
                 else:
-                    if job.quantize and job.quantized is None:
-                        # The GPU quantizes a 14B block in milliseconds; the CPU needs seconds.
-                        work = src.to(dev) if self._cuda and src.device.type == "cpu" else src
-                        job.quantized = fp8_quantize(work, plan.host_dtype)
-                    if kind == "master":
-                        value = job.quantized[0] if job.quantize else src
-                    else:
-                        value = job.quantized[1]
-                    if chunk is not None:
-                        dst = view_bytes(chunk, packing.place[i][1], value.dtype, value.shape)
-                    else:
-                        dst = torch.empty(value.shape, dtype=value.dtype)
-                        self.pageable_bytes += n
-                    dst.copy_(value)
-                    if kind == "master":
-                        e.master = dst
-                    else:
-                        e.scale = dst
-                job.pending -= 1
-                if job.pending == 0:
+                    self._chunks.append(chunk)
+                    self.pinned_bytes += packing.chunk_sizes[c]
+            for i in by_chunk[c]:
+                job = jobs[i]
+                jobs[i] = None  # our last reference to the original goes with the job
+                e, src = job.entry, job.src
+                if chunk is None and not job.quantize and _is_host(src) and src.is_contiguous():
+                    e.master = src  # over the pinning cap: the original serves, pageable
+                    self.pageable_bytes += job.nbytes
                     self._settle(e, src)
-                    job.src = job.quantized = None  # drop our references to the original
+                    continue
+                scale = None
+                if job.quantize:
+                    # The GPU quantizes a 14B block in milliseconds; the CPU needs seconds.
+                    work = src.to(dev) if self._cuda and _is_host(src) else src
+                    value, scale = fp8_quantize(work, plan.host_dtype)
+                    del work
+                else:
+                    value = src
+                if chunk is not None:
+                    off = packing.place[i][1]
+                    master = view_bytes(chunk, off, value.dtype, value.shape)
+                    if scale is not None:
+                        e.scale = view_bytes(chunk, off + job.scale_offset, scale.dtype, scale.shape)
+                else:
+                    master = torch.empty(value.shape, dtype=value.dtype)
+                    if scale is not None:
+                        e.scale = torch.empty(scale.shape, dtype=scale.dtype)
+                    self.pageable_bytes += job.nbytes
+                master.copy_(value)
+                if scale is not None:
+                    e.scale.copy_(scale)
+                e.master = master
+                del value, scale
+                self._settle(e, src)
 
     def _settle(self, e: _Entry, src: torch.Tensor) -> None:
         """Point the tensor at what it holds between uses, and note how to restore it."""
         if self.plan.borrowed:
-            if src.device.type != "cpu":
-                e.restore_to = src.device     # device original: released now, copied back on close
+            if not _is_host(src):
+                # Device original: released once attach succeeds (kept until then for a rollback),
+                # copied back on close.
+                e.restore_to = src.device
+                e.original = src
                 e.rest = e.master
             else:
                 e.rest = src                  # host original: untouched between uses
@@ -316,13 +405,15 @@ class BlockSwapper:
         if self._slots or not self._order:
             return
         n = min(self.plan.ring_size, len(self._order))
+        # All or nothing: an out-of-memory error on the last buffer must not leave a ring that looks
+        # allocated but has no fp8 staging buffer.
         with torch.no_grad(), torch.inference_mode(False):
-            self._slots = [_Slot(torch.empty(self._slot_bytes, dtype=torch.uint8, device=self.device))
-                           for _ in range(n)]
-            if self._staging_bytes:
-                self._staging = torch.empty(self._staging_bytes, dtype=torch.uint8, device=self.device)
-        if self._cuda:
-            self._copy_stream = torch.cuda.Stream(device=self.device)
+            slots = [_Slot(torch.empty(self._slot_bytes, dtype=torch.uint8, device=self.device))
+                     for _ in range(n)]
+            staging = (torch.empty(self._staging_bytes, dtype=torch.uint8, device=self.device)
+                       if self._staging_bytes else None)
+        stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        self._slots, self._staging, self._copy_stream = slots, staging, stream
 
     def _upcoming(self, after: int, k: int, busy: set[int]) -> list[int]:
         order = self._order
@@ -445,11 +536,14 @@ class BlockSwapper:
         finally:
             for e in st.entries:
                 e.tensor.data = e.rest
-            if self._cuda:
-                free = torch.cuda.Event()
-                free.record(torch.cuda.current_stream(self.device))
-                slot.free = free
-            slot.in_use = False
+            try:
+                if self._cuda:
+                    # Every kernel that reads the slot is queued by now: the next copy into it waits for this.
+                    free = torch.cuda.Event()
+                    free.record(torch.cuda.current_stream(self.device))
+                    slot.free = free
+            finally:
+                slot.in_use = False
 
     def _wait(self, slot: _Slot, index: int) -> None:
         if not self._cuda or slot.ready is None:
