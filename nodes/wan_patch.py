@@ -195,10 +195,11 @@ class LynxRunState:
         self.kv_bytes = 0
         if self.patch is not None:
             self.kv_bytes = self.patch.precompute(self.blocks, device, dtype, identities)
-        self.attach_swap(device, latent_shape, passes, free_bytes=free)
+        self.attach_swap(device, latent_shape, passes, free_bytes=free, dtype=dtype)
         return self.kv_bytes
 
-    def attach_swap(self, device, latent_shape: Sequence[int], passes: int = 3, free_bytes: int | None = None) -> None:
+    def attach_swap(self, device, latent_shape: Sequence[int], passes: int = 3, free_bytes: int | None = None,
+                    dtype: torch.dtype | None = None) -> None:
         """Stream ``blocks_to_swap`` blocks from host memory for this run (after ComfyUI loaded the model)."""
         if not self._swaps(device):
             return
@@ -211,7 +212,7 @@ class LynxRunState:
         self.swapper = attach_block_swap(self.blocks, count, device, borrowed=True, tokens=tokens,
                                          batch=int(latent_shape[0]) if latent_shape else 1, passes=passes,
                                          reserve_bytes=DEFAULT_RESERVE_BYTES + self.kv_bytes, rope_bytes=4,
-                                         free_bytes=free_bytes)
+                                         free_bytes=free_bytes, dtype=dtype)
 
     def detach_swap(self) -> None:
         if self.swapper is not None:

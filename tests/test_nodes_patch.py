@@ -352,6 +352,7 @@ def test_prepare_run_precomputes_then_plans_swap_with_the_kv_reserved(setup, rec
     (count, kw), = recorded_swap
     assert count == 2 and kw["borrowed"] is True and kw["rope_bytes"] == 4
     assert kw["reserve_bytes"] == DEFAULT_RESERVE_BYTES + kv
+    assert kw["dtype"] == torch.float32  # activations are estimated in the run dtype
     assert all(p.device.type == "cpu" for p in adapters.parameters())
     swapper = state.swapper
     state.release()
