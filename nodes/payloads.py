@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,17 +21,14 @@ LYNX_REF = "LYNX_REF"
 
 @dataclass
 class AdaptersHandle:
-    """Loaded Lynx adapters (weights on ComfyUI's offload device, normally the CPU).
+    """Loaded Lynx adapters; the weights stay in CPU memory between and during runs.
 
-    The sampler does not load them to the GPU: before the steps it streams one adapter layer at a
-    time to the GPU to precompute the keys/values (``lynx_core.lynx.LynxPatch.precompute``), reading
-    the weights wherever they are. ``patcher()`` wraps them in a ComfyUI ModelPatcher for any code
-    that wants ComfyUI to load them; ComfyUI's memory manager then owns that placement and evicts
-    them when it needs the room. They are not an additional model of the sampling MODEL."""
+    Their keys/values depend only on the face, so the sampler streams one adapter layer at a time
+    to the GPU before the first step to precompute them (``lynx_core.lynx.LynxPatch.precompute``);
+    the 4+ GB of weights never occupy VRAM during the denoising steps."""
 
-    adapters: Any  # lynx_core.adapters.LynxAdapters (kept on the offload device between runs)
+    adapters: Any  # lynx_core.adapters.LynxAdapters
     source: str
-    _patcher: Any = field(default=None, repr=False)
 
     @property
     def variant(self) -> str:
@@ -40,15 +37,6 @@ class AdaptersHandle:
     @property
     def has_ref(self) -> bool:
         return self.adapters.has_ref
-
-    def patcher(self):
-        if self._patcher is None:
-            import comfy.model_management as mm
-            import comfy.model_patcher
-
-            self._patcher = comfy.model_patcher.ModelPatcher(
-                self.adapters, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-        return self._patcher
 
     def __repr__(self) -> str:  # shown in ComfyUI's debug output
         return f"LynxAdapters({self.source}: {self.adapters.summary()})"
