@@ -98,6 +98,7 @@ def guider_class():
             passes = {"three_pass": 3, "two_pass": 2}.get(mode, 1)
             identities = IDENTITIES if passes > 1 else (COND,)
             st = self.state
+            st.check_swap_supported(self.model_patcher, device)
             try:
                 st.prepare_run(device, compute_dtype(getattr(self, "inner_model", None), st.blocks),
                                tuple(noise.shape), passes, identities)

@@ -181,6 +181,15 @@ class LynxRunState:
     def _swaps(self, device) -> bool:
         return bool(self.blocks_to_swap) and device is not None and torch.device(device).type != "cpu"
 
+    def check_swap_supported(self, model_patcher, device) -> None:
+        """Scheduled LoRA hooks rewrite weights in place during sampling, which would write into the
+        streamed host copies; refuse that combination instead of producing wrong weights."""
+        if self._swaps(device) and getattr(model_patcher, "hook_patches", None):
+            raise ValueError(
+                "blocks_to_swap: block swap cannot stream a model that has scheduled LoRA hooks (Create Hook "
+                "LoRA / Set CLIP Hooks / hook keyframes). Apply the LoRA with a LoRA loader instead, or set "
+                "blocks_to_swap to 0.")
+
     def prepare_run(self, device, dtype: torch.dtype, latent_shape: Sequence[int], passes: int = 3,
                     identities: Sequence[str] = IDENTITIES) -> int:
         """Before the first step (ComfyUI has loaded the model): precompute the adapter keys/values

@@ -412,3 +412,14 @@ def test_guider_detaches_swap_and_releases_kv_when_a_step_is_interrupted(fake_co
     with pytest.raises(KeyboardInterrupt):
         g.outer_sample(fail=True)
     assert not patch.cache._ip and not patch.cache._ref and state.kv_bytes == 0
+
+
+def test_block_swap_refuses_models_with_scheduled_lora_hooks():
+    state = wp.LynxRunState(blocks_to_swap=4)
+    hooked = types.SimpleNamespace(hook_patches={"hook": {}})
+    plain = types.SimpleNamespace(hook_patches={})
+    with pytest.raises(ValueError, match="blocks_to_swap: .*set blocks_to_swap to 0"):
+        state.check_swap_supported(hooked, "cuda")
+    state.check_swap_supported(plain, "cuda")
+    state.check_swap_supported(hooked, "cpu")  # nothing is streamed on the CPU
+    wp.LynxRunState(blocks_to_swap=0).check_swap_supported(hooked, "cuda")
