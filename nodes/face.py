@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import comfy_env
+from .images import from_uint8, to_uint8
 from .payloads import LYNX_FACE
 from lynx_core.video import next_free_path
 
@@ -21,20 +22,6 @@ ON_NO_FACE = {"error": "error", "pass_through": "skip"}
 _DETECTOR_TIP = ("Face detector for the 5 landmarks. auto: the insightface pack buffalo_l (the official one) "
                  "or antelopev2 from models/insightface/models/ when present, else the built-in MTCNN "
                  "(no download; landmarks differ slightly from the official ones).")
-
-
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """ComfyUI IMAGE [N, H, W, C] float in [0, 1] -> uint8 RGB [N, H, W, 3]."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError("image: expected a ComfyUI IMAGE batch [N, H, W, C]")
-    arr = images.detach().to("cpu", torch.float32)[..., :3]
-    if arr.shape[-1] == 1:
-        arr = arr.expand(-1, -1, -1, 3)
-    return (arr.clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
-def uint8_to_images(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).to(torch.float32) / 255.0
 
 
 def compute_device():
@@ -92,13 +79,13 @@ class LynxEncodeFaceID:
     def encode(self, image, detector, face_select, face_index, arcface_backend, on_no_face):
         if on_no_face not in ON_NO_FACE:
             raise ValueError(f"on_no_face: unknown choice {on_no_face!r}; use error or pass_through")
-        pixels = images_to_uint8(image)
+        pixels = to_uint8(image, "image")
         analyzer = make_analyzer(detector, arcface_backend)
         identity = analyzer.encode(pixels, select=face_select, index=int(face_index), on_no_face=ON_NO_FACE[on_no_face])
         log.info("Lynx face: %s", identity.summary().replace("\n", " | "))
-        preview = uint8_to_images(np.stack(analyzer.previews(pixels, identity)))
+        preview = from_uint8(np.stack(analyzer.previews(pixels, identity)))
         if len(identity.crop256):
-            aligned = uint8_to_images(identity.crop256)
+            aligned = from_uint8(identity.crop256)
         else:
             aligned = torch.full((1, 256, 256, 3), 0.5)
         # Shown on the node itself (like Preview Image), so users see which face was used without
@@ -206,8 +193,8 @@ class LynxFaceSimilarity:
         if getattr(face, "embedding", None) is None:
             raise ValueError("face: this identity has no embedding (no face was found in the photo); "
                              "use a photo with a visible face in Lynx Encode Face ID")
-        scores = cosine_per_frame(make_analyzer(detector), images_to_uint8(images), face.embedding)
+        scores = cosine_per_frame(make_analyzer(detector), to_uint8(images, "images"), face.embedding)
         valid = [s for s in scores if s is not None]
         mean = float(np.mean(valid)) if valid else 0.0
-        plot = uint8_to_images(similarity_plot(scores)[None])
+        plot = from_uint8(similarity_plot(scores)[None])
         return (mean, json.dumps([None if s is None else round(s, 6) for s in scores]), plot)

@@ -10,6 +10,7 @@ import torch
 from lynx_core.video import next_free_path, write_video
 
 from . import comfy_env
+from .images import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,6 @@ def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
         for key, value in extra_pnginfo.items():
             meta[str(key)] = json.dumps(value)
     return meta
-
-
-def frames_to_uint8(images: torch.Tensor) -> np.ndarray:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError("images: expected a non-empty IMAGE batch [frames, H, W, C] (e.g. from VAE Decode)")
-    arr = images.detach().to("cpu", torch.float32)[..., :3]
-    return (arr.clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
 def comfy_audio_to_tuple(audio) -> tuple[np.ndarray, int] | None:
@@ -108,7 +102,7 @@ class LynxVideoCombine:
         if format not in FORMATS:
             raise ValueError(f"format: unknown choice {format!r}; use one of {FORMATS}")
         out_dir = comfy_env.output_directory()
-        frames = frames_to_uint8(images)
+        frames = to_uint8(images, "images")
         path = next_free_path(out_dir, filename_prefix or "Lynx/lynx", format)
         meta = workflow_metadata(prompt, extra_pnginfo) if save_metadata else {}
         path = write_video(frames, path, fps=float(frame_rate), format=format, metadata=meta, crf=int(crf),

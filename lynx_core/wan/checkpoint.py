@@ -101,7 +101,7 @@ def infer_config(state: dict, num_heads: int | None = None) -> WanConfig:
     return WanConfig(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, in_dim=pe.shape[1],
                      out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim,
                      patch_size=tuple(pe.shape[2:]),
-                     cross_attn_norm=f"blocks.0.norm3.weight" in state)
+                     cross_attn_norm="blocks.0.norm3.weight" in state)
 
 
 def load_wan(path: str | Path, dtype: torch.dtype | None = None, device="cpu") -> WanModel:
