@@ -8,11 +8,15 @@ Numerics follow the official code (diffusers 0.33.1 semantics): modulation and t
 LayerNorms in fp32, gated residuals added in fp32, the cross-attention residual in the run dtype, the
 adapter branches added to the attention output *before* the output projection, no RoPE on either
 adapter branch.
+
+Where tokens belong to samples is a :class:`TokenLayout`: by default each batch row is one sample
+(:class:`DenseLayout`); training's sequence packing (``lynx_core.train.packing``) puts several
+samples in one row and supplies per-sample modulation and attention that never crosses samples.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,37 @@ class BlockAdapterInputs:
     ref: tuple[torch.Tensor, torch.Tensor] | None = None
     ip_scale: float = 1.0
     ref_scale: float = 1.0
+
+
+class TokenLayout(Protocol):
+    """How the tokens of ``x`` map to samples (modulation and attention are per sample)."""
+
+    def modulate(self, normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``normed * (1 + scale) + shift`` in fp32, with each sample's own shift/scale."""
+        ...
+
+    def gate(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``y * gate`` in fp32, with each sample's own gate."""
+        ...
+
+    def attention(self, kind: str) -> AttentionFn:
+        """The kernel for one of the block's attention calls: "self", "ref", "text" or "ip"."""
+        ...
+
+
+@dataclass(frozen=True)
+class DenseLayout:
+    """One sample per batch row: modulation broadcasts over the row, one kernel for every attention."""
+    kernel: AttentionFn
+
+    def modulate(self, normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return normed * (1 + scale) + shift
+
+    def gate(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return y * gate
+
+    def attention(self, kind: str) -> AttentionFn:
+        return self.kernel
 
 
 def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -61,7 +96,8 @@ def _ln(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def self_attention(attn, n1: torch.Tensor, freqs, rope: RopeFn, attention: AttentionFn,
-                   ref: tuple[torch.Tensor, torch.Tensor] | None, ref_scale: float) -> torch.Tensor:
+                   ref: tuple[torch.Tensor, torch.Tensor] | None, ref_scale: float,
+                   ref_attention: AttentionFn | None = None) -> torch.Tensor:
     b, s, c = n1.shape
     heads = attn.num_heads
     q = attn.norm_q(attn.q(n1))
@@ -73,12 +109,13 @@ def self_attention(attn, n1: torch.Tensor, freqs, rope: RopeFn, attention: Atten
     if ref is not None and ref_scale != 0.0:
         # The ref query is the normed query *before* RoPE, and ref keys carry no RoPE either.
         kr, vr = (_rows(t, b).to(q.dtype) for t in ref)
-        out = out + ref_scale * attention(q, kr, vr, heads).to(out.dtype)
+        out = out + ref_scale * (ref_attention or attention)(q, kr, vr, heads).to(out.dtype)
     return attn.o(out)
 
 
 def cross_attention(attn, n2: torch.Tensor, context: torch.Tensor, attention: AttentionFn,
-                    ip: tuple[torch.Tensor, torch.Tensor] | None, ip_scale: float) -> torch.Tensor:
+                    ip: tuple[torch.Tensor, torch.Tensor] | None, ip_scale: float,
+                    ip_attention: AttentionFn | None = None) -> torch.Tensor:
     b = n2.shape[0]
     heads = attn.num_heads
     q = attn.norm_q(attn.q(n2))
@@ -87,34 +124,42 @@ def cross_attention(attn, n2: torch.Tensor, context: torch.Tensor, attention: At
     out = attention(q, k, v, heads)
     if ip is not None and ip_scale != 0.0:
         kip, vip = (_rows(t, b).to(q.dtype) for t in ip)
-        out = out + ip_scale * attention(q, kip, vip, heads).to(out.dtype)
+        out = out + ip_scale * (ip_attention or attention)(q, kip, vip, heads).to(out.dtype)
     return attn.o(out)
 
 
 def wan_block_forward(block, x: torch.Tensor, e: torch.Tensor, freqs, context: torch.Tensor, *,
-                      rope: RopeFn, attention: AttentionFn,
+                      rope: RopeFn, attention: AttentionFn | None,
                       adapters: BlockAdapterInputs | None = None,
-                      capture: CaptureFn | None = None) -> torch.Tensor:
+                      capture: CaptureFn | None = None,
+                      layout: TokenLayout | None = None) -> torch.Tensor:
     """One Wan block with optional Lynx branches.
 
     ``capture`` receives the modulated, normalised self-attention input (the tensor the reference
-    pass stores per block).
+    pass stores per block). ``layout`` (default: one sample per batch row with ``attention`` for
+    every call) supplies per-sample modulation and the attention kernels; ``attention`` is unused then.
     """
     shift, scale, gate, c_shift, c_scale, c_gate = modulation_chunks(block, e, x)
     eps = getattr(block.norm1, "eps", 1e-6)
     ad = adapters or BlockAdapterInputs()
+    if layout is None:
+        if attention is None:
+            raise ValueError("wan_block_forward needs an attention function (or a layout that has its own)")
+        layout = DenseLayout(attention)
 
-    n1 = (_ln(x, eps) * (1 + scale) + shift).to(x.dtype)
+    n1 = layout.modulate(_ln(x, eps), shift, scale).to(x.dtype)
     if capture is not None:
         capture(n1)
-    y = self_attention(block.self_attn, n1, freqs, rope, attention, ad.ref, ad.ref_scale)
-    x = (x.float() + y.float() * gate).to(x.dtype)
+    y = self_attention(block.self_attn, n1, freqs, rope, layout.attention("self"), ad.ref, ad.ref_scale,
+                       ref_attention=layout.attention("ref"))
+    x = (x.float() + layout.gate(y.float(), gate)).to(x.dtype)
 
     # Calling norm3 in the run dtype lets ComfyUI's ops cast the affine weights; torch's kernels
     # accumulate LayerNorm in fp32 either way.
     n2 = block.norm3(x)
-    x = x + cross_attention(block.cross_attn, n2, context, attention, ad.ip, ad.ip_scale).to(x.dtype)
+    x = x + cross_attention(block.cross_attn, n2, context, layout.attention("text"), ad.ip, ad.ip_scale,
+                            ip_attention=layout.attention("ip")).to(x.dtype)
 
-    n3 = (_ln(x, eps) * (1 + c_scale) + c_shift).to(x.dtype)
+    n3 = layout.modulate(_ln(x, eps), c_shift, c_scale).to(x.dtype)
     y = block.ffn(n3)
-    return (x.float() + y.float() * c_gate).to(x.dtype)
+    return (x.float() + layout.gate(y.float(), c_gate)).to(x.dtype)

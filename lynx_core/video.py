@@ -30,10 +30,14 @@ leaves a truncated file at ``path``.
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
 import re
+import secrets
+import struct
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -49,6 +53,9 @@ __all__ = [
     "read_video",
     "probe",
     "next_free_path",
+    "reserve_numbered_path",
+    "save_numbered_video",
+    "check_finite_frames",
     "to_uint8_frames",
     "prepare_audio",
 ]
@@ -91,10 +98,42 @@ def to_uint8_frames(frames: ArrayLike) -> np.ndarray:
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ValueError("frames contain NaN or infinite values; check the decoded latents.")
+        check_finite_frames(arr, "frames")
         return np.round(np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
     raise TypeError(f"frames must be uint8 or float in [0, 1] (got dtype {arr.dtype}).")
+
+
+def _frame_ranges(indices: list[int], limit: int = 8) -> str:
+    """[0, 1, 2, 5, 9, 10] -> "0-2, 5, 9-10" (at most ``limit`` runs, then "…")."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    return text + (", …" if len(runs) > limit else "")
+
+
+def check_finite_frames(frames: np.ndarray, input_name: str = "frames") -> None:
+    """Raise ValueError naming ``input_name`` and the frames that hold NaN or ±inf.
+
+    Converting such frames to uint8 silently turns them black, so this must run before any
+    clamp or cast. ``frames`` is float [F, ...] (numpy).
+    """
+    arr = np.asarray(frames)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    finite = np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite).tolist()
+    raise ValueError(
+        f"{input_name}: frame(s) {_frame_ranges(bad)} of {arr.shape[0]} (counting from 0) contain NaN or "
+        "infinite values, which would be written as black pixels. Usually the VAE decode overflowed in fp16: "
+        "decode in bf16 or fp32 (ComfyUI: --bf16-vae or --fp32-vae). Otherwise the diffusion model or the Lynx "
+        "adapters produced NaN: run them in bf16 or fp32 instead of fp16 and check the sampler's output."
+    )
 
 
 def _pad_even(arr: np.ndarray) -> np.ndarray:
@@ -219,8 +258,11 @@ def write_video(
             "%s files cannot hold sound; writing %s without the audio (use mp4 or webm to keep it)", fmt, path.name
         )
         sound = None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial.{fmt}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp_beside(path, fmt)
+    except OSError as e:
+        raise _folder_error(path.parent, e) from e
     try:
         if fmt in ("mp4", "webm"):
             _write_av(arr, tmp, fps_f, fmt, meta, int(crf), sound)
@@ -228,7 +270,7 @@ def write_video(
             _write_pil(arr, tmp, fps_f, fmt, meta, int(loop))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):
             tmp.unlink()
     logger.info(
         "wrote %s (%d frames, %dx%d, %g fps%s)", path, arr.shape[0], arr.shape[2], arr.shape[1], fps_f,
@@ -336,7 +378,99 @@ def _write_pil(arr: np.ndarray, path: Path, fps: float, fmt: str, meta: dict[str
         kwargs.update(append_images=images[1:], duration=duration, disposal=1, optimize=False)
         if meta:
             kwargs["comment"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    images[0].save(path, format=_PIL_FORMATS[fmt], **kwargs)
+    buf = io.BytesIO()
+    images[0].save(buf, format=_PIL_FORMATS[fmt], **kwargs)
+    data = buf.getvalue()
+    if fmt == "webp":
+        data = _webp_keep_every_frame(data, arr.shape[0], arr.shape[2], arr.shape[1], kwargs["duration"], loop)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# libwebp's animation encoder never stores a frame that looks like the one before it (within
+# its lossy tolerance): it lengthens the earlier frame instead, and a clip whose frames are all
+# alike comes out as a still image with no duration at all. The helpers below undo that on the
+# RIFF level: each lengthened frame is followed by fully transparent, alpha-blended frames of the
+# same rectangle (they leave the picture as it is), so the file has one frame per source frame
+# and the clip's whole duration. Files without merged frames are left byte-for-byte as encoded.
+_WEBP_IMAGE_CHUNKS = (b"ALPH", b"VP8 ", b"VP8L")
+_VP8X_ANIMATION, _VP8X_ALPHA = 0x02, 0x10
+_ANMF_NO_BLEND, _ANMF_DISPOSE = 0x02, 0x01
+
+
+def _riff_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ValueError("Pillow did not produce a WebP RIFF file")
+    chunks, i = [], 12
+    while i + 8 <= len(data):
+        size = int.from_bytes(data[i + 4:i + 8], "little")
+        chunks.append((data[i:i + 4], data[i + 8:i + 8 + size]))
+        i += 8 + size + (size & 1)
+    return chunks
+
+
+def _riff_chunk(tag: bytes, payload: bytes) -> bytes:
+    return tag + struct.pack("<I", len(payload)) + payload + (b"\0" if len(payload) & 1 else b"")
+
+
+def _u24(value: int) -> bytes:
+    return int(value).to_bytes(3, "little")
+
+
+def _transparent_frame(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (width, height), (0, 0, 0, 0)).save(buf, format="WEBP", lossless=True)
+    return b"".join(_riff_chunk(t, p) for t, p in _riff_chunks(buf.getvalue()) if t in _WEBP_IMAGE_CHUNKS)
+
+
+def _webp_keep_every_frame(data: bytes, n_frames: int, width: int, height: int, duration: int, loop: int) -> bytes:
+    chunks = _riff_chunks(data)
+    # (x, y, w, h, duration ms, flags, image chunks) per stored frame
+    frames: list[tuple[int, int, int, int, int, int, bytes]] = []
+    for tag, p in chunks:
+        if tag == b"ANMF":
+            frames.append((int.from_bytes(p[0:3], "little") * 2, int.from_bytes(p[3:6], "little") * 2,
+                           int.from_bytes(p[6:9], "little") + 1, int.from_bytes(p[9:12], "little") + 1,
+                           int.from_bytes(p[12:15], "little"), p[15], p[16:]))
+    if not frames:  # everything merged into a still image
+        still = b"".join(_riff_chunk(t, p) for t, p in chunks if t in _WEBP_IMAGE_CHUNKS)
+        frames = [(0, 0, width, height, n_frames * duration, _ANMF_NO_BLEND, still)]
+    if len(frames) >= n_frames or duration <= 0:
+        return data
+    out_frames: list[bytes] = []
+    blanks: dict[tuple[int, int], bytes] = {}
+    for x, y, w, h, dur, flags, body in frames:
+        repeat = dur // duration if dur % duration == 0 and dur >= duration else 1
+        first_flags = flags & ~_ANMF_DISPOSE if repeat > 1 else flags
+        first_dur = duration if repeat > 1 else dur
+        out_frames.append(_anmf(x, y, w, h, first_dur, first_flags, body))
+        if repeat > 1:
+            blank = blanks.setdefault((w, h), _transparent_frame(w, h))
+            for k in range(1, repeat):
+                # alpha-blended and transparent: the canvas stays as the frame left it; the last
+                # copy carries the frame's own dispose-to-background, if it had one
+                last = k == repeat - 1
+                out_frames.append(_anmf(x, y, w, h, duration, (flags & _ANMF_DISPOSE) if last else 0, blank))
+    if len(out_frames) != n_frames:
+        logger.debug("webp: %d frames stored for %d source frames", len(out_frames), n_frames)
+    tags = dict(chunks)
+    vp8x_flags = (tags[b"VP8X"][0] if b"VP8X" in tags else 0) | _VP8X_ANIMATION | _VP8X_ALPHA
+    anim = tags.get(b"ANIM") or (b"\0\0\0\0" + struct.pack("<H", loop))
+    body = _riff_chunk(b"VP8X", bytes([vp8x_flags, 0, 0, 0]) + _u24(width - 1) + _u24(height - 1))
+    if b"ICCP" in tags:
+        body += _riff_chunk(b"ICCP", tags[b"ICCP"])
+    body += _riff_chunk(b"ANIM", anim) + b"".join(out_frames)
+    for tag in (b"EXIF", b"XMP "):
+        if tag in tags:
+            body += _riff_chunk(tag, tags[tag])
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+def _anmf(x: int, y: int, w: int, h: int, duration: int, flags: int, body: bytes) -> bytes:
+    head = _u24(x // 2) + _u24(y // 2) + _u24(w - 1) + _u24(h - 1) + _u24(duration) + bytes([flags])
+    return _riff_chunk(b"ANMF", head + body)
 
 
 def _webp_exif(meta: dict[str, str]) -> bytes:

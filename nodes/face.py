@@ -10,6 +10,7 @@ import torch
 from . import comfy_env
 from .images import from_uint8, to_uint8
 from .payloads import LYNX_FACE
+from lynx_core.face.types import FaceSelectionError, NoFaceError
 from lynx_core.video import next_free_path
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,41 @@ def compute_device():
         return mm.get_torch_device()
     except ImportError:
         return torch.device("cpu")
+
+
+# Where non-finite pixels come from, per input, for the error message (a photo file never holds them).
+_NAN_SOURCE = {
+    "image": ("Load Image never produces them: a node between the photo and this one did (a VAE Decode of a "
+              "NaN latent, an upscaler or image operation that divided by zero). Connect the photo from Load "
+              "Image directly, or fix that node"),
+    "images": ("these frames come from VAE Decode, so the sampled latent already held NaN/inf: the sampling "
+               "diverged (often fp16 overflow: run the model in bf16 or fp8-scaled instead of fp16, lower cfg, "
+               "or check the LoRAs). Fix the sampling and decode again; a score of these frames would mean nothing"),
+}
+
+
+def check_finite(images, input_name: str) -> None:
+    """Refuse IMAGE batches holding NaN/inf: converted to pixels they turn black and read as "no face"."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        return  # to_uint8 reports shape and type problems with the input's name
+    bad = (~torch.isfinite(images.detach())).reshape(images.shape[0], -1).sum(dim=1)
+    where = [int(i) for i in torch.nonzero(bad).flatten()]
+    if not where:
+        return
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    shown = ", ".join(f"{i} ({int(bad[i])} values)" for i in where[:8]) + (", ..." if len(where) > 8 else "")
+    raise ValueError(
+        f"{input_name}: the image(s) at batch index {shown} (of {n}, {w}x{h}) contain NaN or infinite values, so "
+        f"no face could be found there. {_NAN_SOURCE.get(input_name, 'The node that made them produced them')}.")
+
+
+def no_face_message(exc: NoFaceError, batch_size: int) -> str:
+    """The analyzer's no-face error in the node's terms: its input, the batch index and its widget."""
+    i = exc.image_index if exc.image_index is not None else 0
+    size = f", {exc.image_size[0]}x{exc.image_size[1]}" if exc.image_size else ""
+    return (f"image: no face found in batch index {i} (of {batch_size}{size}). Use a photo where the face is "
+            "clearly visible, frontal and at least ~40 px wide, or set on_no_face to pass_through on this node "
+            "to skip photos without a face.")
 
 
 def make_analyzer(detector: str, arcface_backend: str = "torch"):
@@ -79,9 +115,18 @@ class LynxEncodeFaceID:
     def encode(self, image, detector, face_select, face_index, arcface_backend, on_no_face):
         if on_no_face not in ON_NO_FACE:
             raise ValueError(f"on_no_face: unknown choice {on_no_face!r}; use error or pass_through")
+        check_finite(image, "image")
         pixels = to_uint8(image, "image")
         analyzer = make_analyzer(detector, arcface_backend)
-        identity = analyzer.encode(pixels, select=face_select, index=int(face_index), on_no_face=ON_NO_FACE[on_no_face])
+        try:
+            identity = analyzer.encode(pixels, select=face_select, index=int(face_index),
+                                       on_no_face=ON_NO_FACE[on_no_face])
+        except NoFaceError as exc:
+            raise NoFaceError(no_face_message(exc, len(pixels)), exc.image_index, exc.image_size) from None
+        except FaceSelectionError as exc:
+            raise FaceSelectionError(
+                f"face_index: {exc} Pick a number shown in the preview, set face_select to largest, or set "
+                "on_no_face to pass_through to skip that photo.") from None
         log.info("Lynx face: %s", identity.summary().replace("\n", " | "))
         preview = from_uint8(np.stack(analyzer.previews(pixels, identity)))
         if len(identity.crop256):
@@ -116,12 +161,18 @@ def cosine_per_frame(analyzer, frames: np.ndarray, reference: torch.Tensor) -> l
     scores: list[float | None] = []
     for frame in frames:
         comfy_env.throw_if_interrupted()
-        ident = analyzer.encode(frame[None], select="largest", on_no_face="skip")
+        ident = analyzer.encode(frame[None], select="largest", on_no_face="skip", warn_skipped=False)
         if ident.embedding is None:
             scores.append(None)
             continue
         emb = ident.embedding.detach().float().cpu().reshape(-1)
         scores.append(float(torch.dot(emb / emb.norm().clamp_min(1e-12), ref)))
+    missing = [i for i, s in enumerate(scores) if s is None]
+    if missing:
+        # One line per run: a video without faces would otherwise log the same advice for every frame.
+        shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+        log.warning("Lynx Face Similarity: no face found in %d of %d frame(s) (batch index %s); they are null in "
+                    "per_frame and left out of the mean", len(missing), len(scores), shown)
     return scores
 
 
@@ -193,6 +244,7 @@ class LynxFaceSimilarity:
         if getattr(face, "embedding", None) is None:
             raise ValueError("face: this identity has no embedding (no face was found in the photo); "
                              "use a photo with a visible face in Lynx Encode Face ID")
+        check_finite(images, "images")
         scores = cosine_per_frame(make_analyzer(detector), to_uint8(images, "images"), face.embedding)
         valid = [s for s in scores if s is not None]
         mean = float(np.mean(valid)) if valid else 0.0

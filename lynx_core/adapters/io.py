@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 # Key maps and variant detection live in .keys; they are part of this module's public API too.
 __all__ = [
-    "LynxAdapterError", "load_adapters", "save_adapters", "save_adapters_combined", "detect_variant",
+    "LynxAdapterError", "adapter_file_parts", "load_adapters", "save_adapters", "save_adapters_combined", "detect_variant",
     "official_to_combined", "combined_to_official", "official_state", "combined_state",
 ]
 
@@ -90,19 +90,68 @@ def _read_header(path: Path) -> _Header:
         raise _not_safetensors(path, "the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    data_end = 0
+    spans: list[tuple[int, int, int]] = []  # (begin, end, expected byte count or -1 when unknown)
     try:
         for key, info in header.items():
-            tensors[key] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]))
-            data_end = max(data_end, int(info["data_offsets"][1]))
+            dtype, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+            tensors[key] = (dtype, shape)
+            spans.append((begin, end, _nbytes(dtype, shape)))
     except (KeyError, TypeError, ValueError, IndexError):
         raise _not_safetensors(path, f"the header entry {key!r} is malformed") from None
-    if 8 + n + data_end > size:
-        raise LynxAdapterError(
-            f"{path} is truncated: its header describes {data_end} bytes of tensor data but only "
-            f"{size - 8 - n} are there (an interrupted download?); download the file again"
-        )
+    _check_layout(path, spans, size - 8 - n)
     return _Header(path, tensors, {str(k): str(v) for k, v in dict(metadata).items()})
+
+
+# Byte size per element of every safetensors dtype (unknown ones skip the size check; the
+# dtype check later names them).
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    if dtype not in _DTYPE_BYTES or any(d < 0 for d in shape):
+        return -1
+    count = 1
+    for d in shape:
+        count *= d
+    return count * _DTYPE_BYTES[dtype]
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, int]], data_bytes: int) -> None:
+    """The header's offsets must tile the data exactly, as safetensors requires.
+
+    safetensors reports a broken layout against whichever key it meets first, often an intact
+    one; the fault is the file's (an interrupted download or a bad write), so say that instead.
+    """
+    redownload = "download the file again (or write it again if you made it)"
+    need = max((end for _, end, _ in spans), default=0)
+    if need > data_bytes:
+        raise LynxAdapterError(
+            f"{path} is truncated: its header describes {need} bytes of tensor data but only "
+            f"{max(data_bytes, 0)} are there (an interrupted download?); {redownload}"
+        )
+    problems = []
+    for begin, end, expected in spans:
+        if begin < 0 or end < begin:
+            problems.append(f"a tensor's offsets [{begin}, {end}] are out of range")
+        elif expected >= 0 and end - begin != expected:
+            problems.append(f"a tensor's data span holds {end - begin} bytes where its dtype and shape need {expected}")
+    cursor = 0
+    for begin, end, _ in sorted(spans):
+        if begin < cursor:
+            problems.append(f"two tensors' data overlap (bytes {begin} to {min(end, cursor)})")
+        elif begin > cursor:
+            problems.append(f"bytes {cursor} to {begin} belong to no tensor")
+        cursor = max(cursor, end)
+    if cursor < data_bytes:
+        problems.append(f"the file has {data_bytes - cursor} bytes after the last tensor")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise LynxAdapterError(
+            f"{path} is corrupt: its header does not match its data ({shown}). The whole file is damaged, "
+            f"not one weight; {redownload}"
+        )
 
 
 def _not_safetensors(path: Path, why: str) -> LynxAdapterError:
@@ -111,6 +160,22 @@ def _not_safetensors(path: Path, why: str) -> LynxAdapterError:
         f"accepted (pickle formats can run code when loaded). {_WHERE_TO_GET}; download it again "
         f"if it is one of those"
     )
+
+
+def adapter_file_parts(path: Union[str, Path]) -> frozenset[str]:
+    """Which adapter parts (``"resampler"``, ``"ip"``, ``"ref"``) a file holds, from its header alone.
+
+    Raises LynxAdapterError for files that cannot be loaded (not safetensors, truncated, keys
+    that are not Lynx adapter keys), so a file list can offer only usable files cheaply.
+    """
+    header = _read_header(Path(path))
+    parts = set()
+    for key in header.tensors:
+        info = classify_key(key)
+        if info is None:
+            raise LynxAdapterError(f"{path}: key {key!r} is not a Lynx adapter key")
+        parts.add(info.part)
+    return frozenset(parts)
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -459,6 +524,26 @@ def _cast(t: Tensor, dtype: Optional[torch.dtype], key: str) -> Tensor:
     return t
 
 
+def _non_finite(t: Tensor) -> Optional[tuple[int, int]]:
+    """(NaN count, inf count) of ``t``, or None when every value is finite (the common, cheap case)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.to(torch.bfloat16)  # isfinite has no fp8 kernels; the values are the same
+    if bool(torch.isfinite(t).all()):
+        return None
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def _non_finite_error(path: Path, bad: list[tuple[str, tuple[int, int]]]) -> LynxAdapterError:
+    shown = ", ".join(f"'{k}' ({n} NaN, {i} inf)" for k, (n, i) in bad[:6])
+    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+    total = sum(n + i for _, (n, i) in bad)
+    return LynxAdapterError(
+        f"{path}: {total} weight value(s) are NaN or infinite, in {len(bad)} key(s): {shown}{more}. With them "
+        f"every output would be NaN (a black or noise video). The file is corrupt, or it was saved from a training "
+        f"run that diverged: download it again, or use an earlier checkpoint of the training"
+    )
+
+
 def load_adapters(
     source: Source,
     dtype: Optional[torch.dtype] = None,
@@ -512,8 +597,18 @@ def load_adapters(
             raw = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error type for corrupt data
             raise LynxAdapterError(f"{path}: could not read the tensors ({exc}); download the file again") from None
+        bad = [(entry.file_key, counts) for _, entry in items
+               if (counts := _non_finite(raw[entry.file_key])) is not None]
+        if bad:
+            raise _non_finite_error(path, bad)
         for name, entry in items:
             state[name] = _cast(raw.pop(entry.file_key), dtype, name)
+            if dtype == torch.float16 and _non_finite(state[name]) is not None:
+                # The file is fine; its values exceed fp16's range (65504) and became inf.
+                raise LynxAdapterError(
+                    f"{path}: key '{entry.file_key}' has values beyond the fp16 range, so loading it as fp16 "
+                    f"gives inf; set dtype to bf16 or fp32 instead"
+                )
         del raw
 
     adapters = LynxAdapters(config, device="meta")

@@ -11,7 +11,7 @@ are averaged and the mean is renormalised to unit length. The first used face's 
 Lynx reference image.
 
 When an image has no face, ``on_no_face="error"`` raises ``NoFaceError`` naming the image;
-``on_no_face="skip"`` logs it and carries on, and if no image had a usable face the identity is
+``on_no_face="skip"`` logs it (``warn_skipped``) and carries on, and if no image had a usable face the identity is
 returned with ``embedding=None`` ("no identity") so a queued batch keeps running.
 """
 from __future__ import annotations
@@ -202,8 +202,13 @@ class FaceAnalyzer:
         select: str = "largest",
         index: int = 0,
         on_no_face: str = "error",
+        warn_skipped: bool = True,
     ) -> FaceIdentity:
-        """Detect, choose, align and embed; see the module docstring for the rules."""
+        """Detect, choose, align and embed; see the module docstring for the rules.
+
+        ``warn_skipped=False`` logs skipped images at debug level only, for callers that run
+        one image at a time and sum the skips up themselves (one warning per run, not per frame).
+        """
         if select not in SELECT_MODES:
             raise ValueError(f"Unknown face selection {select!r}; use one of {SELECT_MODES}.")
         if on_no_face not in NO_FACE_MODES:
@@ -212,6 +217,7 @@ class FaceAnalyzer:
         if not image_list:
             raise ValueError("No input image was given to the face encoder.")
         n = len(image_list)
+        skip_level = logging.WARNING if warn_skipped else logging.DEBUG
 
         all_faces: list[list[DetectedFace]] = []
         chosen: list[list[int]] = []
@@ -228,8 +234,9 @@ class FaceAnalyzer:
                     "clearly visible, frontal and at least ~40 px wide"
                 )
                 if on_no_face == "error":
-                    raise NoFaceError(msg + ", or set on_no_face to pass_through (on_no_face='skip' in the Python API) to skip it.", image_index=i)
-                logger.warning("%s; skipping it.", msg)
+                    raise NoFaceError(msg + ", or pass on_no_face='skip' to skip images without a face.",
+                                      image_index=i, image_size=(int(image.shape[1]), int(image.shape[0])))
+                logger.log(skip_level, "%s; skipping it.", msg)
                 messages.append(f"{label}: no face found, skipped.")
                 chosen.append([])
                 continue
@@ -238,7 +245,7 @@ class FaceAnalyzer:
             except FaceSelectionError as exc:
                 if on_no_face == "error":
                     raise FaceSelectionError(f"{label}: {exc}") from exc
-                logger.warning("%s: %s Skipping it.", label, exc)
+                logger.log(skip_level, "%s: %s Skipping it.", label, exc)
                 messages.append(f"{label}: {exc} Skipped.")
                 chosen.append([])
                 continue

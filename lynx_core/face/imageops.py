@@ -40,7 +40,13 @@ def to_uint8_rgb(image: object, name: str = "image") -> np.ndarray:
         return np.ascontiguousarray(arr)
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
-            raise ValueError(f"{name}: the picture contains NaN or infinite values.")
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise ValueError(
+                f"{name}: the picture contains {bad} NaN or infinite value(s), so no face can be found in it. "
+                "Photos loaded from files never hold such values: the step that made this picture (a decode "
+                "of a diverged latent, a division by zero in an image operation) produced them; fix or "
+                "replace that step, or use the photo file directly."
+            )
         return np.ascontiguousarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
     if np.issubdtype(arr.dtype, np.integer):
         if arr.min() < 0 or arr.max() > 255:

@@ -24,11 +24,17 @@ class FaceError(RuntimeError):
 
 
 class NoFaceError(FaceError, ValueError):
-    """No face was found in an input image (the message names the image)."""
+    """No face was found in an input image (the message names the image).
 
-    def __init__(self, message: str, image_index: int | None = None) -> None:
+    ``image_index`` (0-based position in the batch) and ``image_size`` (width, height) let a
+    caller such as a ComfyUI node word the error in its own terms.
+    """
+
+    def __init__(self, message: str, image_index: int | None = None,
+                 image_size: tuple[int, int] | None = None) -> None:
         super().__init__(message)
         self.image_index = image_index
+        self.image_size = image_size
 
 
 class FaceSelectionError(FaceError, ValueError):

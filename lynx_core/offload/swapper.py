@@ -415,7 +415,17 @@ class BlockSwapper:
         stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._slots, self._staging, self._copy_stream = slots, staging, stream
 
-    def _upcoming(self, after: int, k: int, busy: set[int]) -> list[int]:
+    def _upcoming(self, after: int, k: int, busy: set[int],
+                  hint: Optional[Sequence[int]] = None) -> list[int]:
+        if hint is not None:
+            # The caller knows its order (training: backward runs the blocks in reverse).
+            out = []
+            for b in hint:
+                if b in self._streams and b not in busy and b not in out:
+                    out.append(b)
+                    if len(out) == k:
+                        break
+            return out
         order = self._order
         start = bisect.bisect_right(order, after)
         out: list[int] = []
@@ -428,15 +438,15 @@ class BlockSwapper:
                 break
         return out
 
-    def _prefetch(self, after: int) -> None:
+    def _prefetch(self, after: int, upcoming: Optional[Sequence[int]] = None) -> None:
         """Start copying the next streamed blocks (in execution order, wrapping to the next
-        forward) into every slot that is not in use."""
+        forward, or in the order ``upcoming`` gives) into every slot that is not in use."""
         self._ensure_ring()
         free = [s for s in self._slots if not s.in_use]
         if not free:
             return
         busy = {s.block for s in self._slots if s.in_use}
-        targets = self._upcoming(after, len(free), busy)
+        targets = self._upcoming(after, len(free), busy, upcoming)
         held = {s.block for s in free}
         spare = sorted((s for s in free if s.block not in targets), key=lambda s: s.block is not None)
         for b in targets:
@@ -503,19 +513,21 @@ class BlockSwapper:
 
     # ------------------------------------------------------------------ running blocks
     @contextmanager
-    def use(self, index: int) -> Iterator[nn.Module]:
+    def use(self, index: int, *, upcoming: Optional[Sequence[int]] = None) -> Iterator[nn.Module]:
         """Make block ``index`` computable on the device for the body of the ``with``.
 
         Yields the original block module. For a swapped block its weights point into a ring slot
         that the compute stream has waited for; on exit they point back at the host masters, even
-        when the body raises.
+        when the body raises. ``upcoming`` (optional) lists the blocks the caller will use next, in
+        order; the free ring slots are filled with the first streamed ones of them instead of the
+        default (the next blocks in index order, wrapping to the next forward).
         """
         if not self._attached:
             self.attach()
         st = self._streams.get(index)
         if st is None:
             if self._order:
-                self._prefetch(index)
+                self._prefetch(index, upcoming)
             with self._timed("compute", index):
                 yield self.blocks[index]
             return
@@ -530,7 +542,7 @@ class BlockSwapper:
             with torch.no_grad(), torch.inference_mode(False):
                 for e in st.entries:
                     e.tensor.data = view_bytes(slot.buf, e.offset, e.dtype, e.shape)
-            self._prefetch(index)
+            self._prefetch(index, upcoming)
             with self._timed("compute", index):
                 yield self.blocks[index]
         finally:

@@ -1,4 +1,8 @@
-"""3-axis rotary embedding of Wan2.1, in float64 as the reference implementation computes it."""
+"""3-axis rotary embedding of Wan2.1, in float64 as the reference implementation computes it.
+
+Training asks for ``dtype=torch.float32``: the rotation then runs in complex64, which halves what
+autograd keeps per rotated tensor; the angles are still computed in float64 and rounded once.
+"""
 from __future__ import annotations
 
 import torch
@@ -16,9 +20,18 @@ def _axis_table(max_pos: int, dim: int, theta: float) -> torch.Tensor:
     return torch.polar(torch.ones_like(angles), angles)  # complex128 [max_pos, dim/2]
 
 
+_COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}
+
+
 def rope_freqs(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0,
-               max_pos: int = 1024) -> torch.Tensor:
-    """Complex128 table [F*H*W, head_dim/2] for tokens ordered f-major, then h, then w."""
+               max_pos: int = 1024, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Complex table [F*H*W, head_dim/2] for tokens ordered f-major, then h, then w.
+
+    ``dtype`` is the real precision of the rotation: float64 (complex128, the inference default)
+    or float32 (complex64, for training).
+    """
+    if dtype not in _COMPLEX:
+        raise ValueError(f"rope_freqs dtype must be torch.float64 or torch.float32, got {dtype}")
     f, h, w = grid
     dt, dh, dw = axis_dims(head_dim)
     tf, th, tw = (_axis_table(max_pos, d, theta) for d in (dt, dh, dw))
@@ -27,12 +40,14 @@ def rope_freqs(grid: tuple[int, int, int], head_dim: int, device=None, theta: fl
         th[:h].view(1, h, 1, -1).expand(f, h, w, -1),
         tw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
     ], dim=-1)
-    return table.reshape(f * h * w, -1).to(device)
+    return table.reshape(f * h * w, -1).to(device=device, dtype=_COMPLEX[dtype])
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive (even, odd) pairs of x [B, L, H, D] by freqs [L, D/2]; float64 math."""
+    """Rotate consecutive (even, odd) pairs of x [B, L, H, D] by freqs [L, D/2], in the table's
+    precision (float64 for a complex128 table, float32 for complex64)."""
     b, s, n, d = x.shape
-    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, s, n, d // 2, 2))
+    real = torch.float32 if freqs.dtype == torch.complex64 else torch.float64
+    xc = torch.view_as_complex(x.to(real).reshape(b, s, n, d // 2, 2))
     out = torch.view_as_real(xc * freqs[:s].view(1, s, 1, d // 2)).flatten(3)
     return out.to(x.dtype)
