@@ -11,9 +11,17 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders  # noqa: E402
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders  # noqa: E402
+    from .nodes.example_photo import install_example_photo  # noqa: E402
 
-register_model_folders()
+    register_model_folders()
+    install_example_photo()
+else:
+    # Imported as a plain file, not as ComfyUI's package: pytest does that while collecting a clone
+    # whose folder name is not a module name (``ComfyUI-Lynx``). Nothing to register then.
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 WEB_DIRECTORY = "./web"
 

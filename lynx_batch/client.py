@@ -39,7 +39,7 @@ class ComfyClient:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ServerGone(f"cannot reach the ComfyUI server at {self.base} ({reason}); start ComfyUI or fix "
-                             "--server") from None
+                             "--server", reason=str(reason)) from None
 
     def _json(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
         body = None if payload is None else json.dumps(payload).encode()

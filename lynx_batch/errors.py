@@ -8,6 +8,10 @@ class QueueError(RuntimeError):
 class ServerGone(QueueError):
     """The ComfyUI server cannot be reached (not started, crashed, restarted, network down)."""
 
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message  # the bare cause, e.g. "[Errno 111] Connection refused"
+
 
 class JobError(RuntimeError):
     """A problem with one job; the batch goes on."""

@@ -69,7 +69,8 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
                 try:
                     entry["seed"] = int(row["seed"])
                 except ValueError:
-                    raise QueueError(f"--prompts: {path} line {line_no}: seed {row['seed']!r} is not an integer") from None
+                    raise QueueError(f"--prompts: {path} line {line_no}: seed {row['seed']!r} is not an "
+                                     "integer") from None
             if row.get("face"):
                 entry["face"] = row["face"]
             rows.append(entry)

@@ -72,7 +72,8 @@ def _by_title(workflow: dict[str, Any], class_types: Iterable[str], words: Itera
 def _check_node(workflow: dict[str, Any], node_id: str, flag: str, input_name: str) -> str:
     node_id = str(node_id)
     if node_id not in workflow:
-        raise QueueError(f"{flag}: node {node_id} is not in the workflow (ids: {', '.join(sorted(workflow, key=nid_key))})")
+        ids = ", ".join(sorted(workflow, key=nid_key))
+        raise QueueError(f"{flag}: node {node_id} is not in the workflow (ids: {ids})")
     if input_name not in workflow[node_id].get("inputs", {}):
         raise QueueError(f"{flag}: node {node_id} ({workflow[node_id].get('class_type')}) has no '{input_name}' input")
     return node_id

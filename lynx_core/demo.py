@@ -41,7 +41,7 @@ DEFAULT_NEGATIVE = ("Bright tones, overexposed, blurred background, static, subt
 def build_parser(sub=None) -> argparse.ArgumentParser:
     p = sub or argparse.ArgumentParser(prog="python -m lynx_core demo", description=__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--face", type=Path, help="face photo (default: scikit-image's astronaut)")
+    p.add_argument("--face", type=Path, help="face photo (default: the shipped example photo, lynx_core/assets/)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--negative", default=DEFAULT_NEGATIVE)
     p.add_argument("--wan", type=Path, help="Wan2.1-T2V DiT .safetensors (original, ComfyUI or diffusers names)")
@@ -50,17 +50,18 @@ def build_parser(sub=None) -> argparse.ArgumentParser:
     p.add_argument("--vae", type=Path, help="diffusers Wan VAE folder (needs diffusers)")
     p.add_argument("--text-encoder", type=Path, help="diffusers-layout UMT5 text_encoder folder (needs transformers)")
     p.add_argument("--detector", default="mtcnn", help="mtcnn | auto | insightface:buffalo_l | insightface:antelopev2")
-    p.add_argument("--frames", type=int, default=None, help="4k+1 (tiny default 17, real default 81)")
+    p.add_argument("--frames", type=int, default=None, help="4k+1 (tiny default 17; real: 81 full, 121 lite)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="tiny default 8, real default 50")
     p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--cfg-id", type=float, default=2.0)
+    p.add_argument("--cfg-id", type=float, default=None,
+                   help="identity guidance (default: 2.0 three-pass for full adapters, 0 two-pass for lite)")
     p.add_argument("--ip-scale", type=float, default=1.0)
     p.add_argument("--ref-scale", type=float, default=1.0)
     p.add_argument("--sampler", default="unipc", choices=["unipc", "euler"])
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--fps", type=float, default=None, help="default: 16 (full), 24 (lite)")
     p.add_argument("--format", default="mp4", choices=["mp4", "webm", "webp", "gif"])
     p.add_argument("--out", type=Path, default=Path("output"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,11 +103,6 @@ def run(args) -> Path:
     if real and (args.vae is None or args.text_encoder is None):
         raise SystemExit("a real run needs --vae and --text-encoder (folders of a Wan2.1-T2V-14B-Diffusers download)")
 
-    frames = args.frames or (81 if real else 17)
-    height, width = args.height or (480 if real else 128), args.width or (832 if real else 192)
-    steps = args.steps or (50 if real else 8)
-    shape = latent_shape(frames, height, width)
-
     # models
     if real:
         model = load_wan(args.wan, dtype=dtype, device="cpu").to(device)
@@ -115,14 +111,23 @@ def run(args) -> Path:
     else:
         model, adapters = _tiny_models(device, dtype)
 
+    # the official defaults of the adapters' variant (lite: 121 frames at 24 fps, two-pass guidance)
+    lite = adapters.variant == "lite"
+    frames = args.frames or ((121 if lite else 81) if real else 17)
+    fps = args.fps or (24.0 if lite else 16.0)
+    height, width = args.height or (480 if real else 128), args.width or (832 if real else 192)
+    steps = args.steps or (50 if real else 8)
+    shape = latent_shape(frames, height, width)
+
     # face
     from .face import FaceAnalyzer
     if args.face is not None:
         from PIL import Image
         image = np.asarray(Image.open(args.face).convert("RGB"))
     else:
-        from skimage import data
-        image = data.astronaut()
+        from PIL import Image
+        from .assets import EXAMPLE_FACE
+        image = np.asarray(Image.open(EXAMPLE_FACE).convert("RGB"))
     with tempfile.TemporaryDirectory() as tmp:
         arcface = args.arcface or _random_arcface(Path(tmp))
         face = FaceAnalyzer(detector=args.detector, arcface_path=arcface).encode(image[None])
@@ -148,8 +153,8 @@ def run(args) -> Path:
     ref_u = extract_reference_features(model, ref_uncond.to(**to), ref_ctx.to(**to)) if adapters.has_ref else None
 
     embedding = face.embedding.to(**to) if face.has_identity else None
-    patch = LynxPatch(adapters, make_conditioning(adapters, embedding, ref_c, ref_u),
-                      ip_scale=args.ip_scale, ref_scale=args.ref_scale)
+    patch = LynxPatch(adapters, make_conditioning(adapters, embedding, ref_c, ref_u))
+    # cfg_id None follows the adapters' variant; the scales reach the patch through the settings
     settings = GenerationSettings(seed=args.seed, steps=steps, cfg=args.cfg, cfg_id=args.cfg_id,
                                   ip_scale=args.ip_scale, ref_scale=args.ref_scale, sampler=args.sampler)
 
@@ -160,7 +165,7 @@ def run(args) -> Path:
     print()
     video = WanVAE(args.vae, device=device).decode(latents) if real else latent_to_rgb(latents)
     path = next_free_path(args.out, "lynx_demo", args.format)
-    write_video(video, path, fps=args.fps, format=args.format,
+    write_video(video, path, fps=fps, format=args.format,
                 metadata={"comment": f"Lynx demo; prompt: {args.prompt}; seed {args.seed}; steps {steps}"})
     print(f"wrote {path}  ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {time.time() - t0:.1f} s)")
     if not real:

@@ -17,7 +17,10 @@ Formats written by :func:`write_video`:
   the GIF comment extension.
 
 Pillow merges consecutive identical frames of a GIF into one longer frame, so a GIF of a
-static clip reads back with fewer frames; the other formats keep every frame.
+static clip reads back with fewer frames (the total duration is kept); the other formats keep
+every frame. libwebp merges them in webp too (a clip of identical frames even became a still
+image with no duration); the writer re-splits such frames with transparent no-op frames, so a
+webp reads back with every frame and ``duration`` ms each. A one-frame clip stays a still image.
 
 Audio (``write_video(..., audio=(samples, sample_rate))``, ``samples`` float [channels, samples]
 in [-1, 1]): mp4 gets AAC (at the input rate when AAC supports it, else 48 kHz), webm gets Opus
@@ -25,8 +28,17 @@ in [-1, 1]): mp4 gets AAC (at the input rate when AAC supports it, else 48 kHz),
 the video's duration ``frames / fps``, so the tracks end together. Mono and stereo are kept; more
 channels are reduced to the first two (logged). webp and gif cannot hold sound: the audio is
 dropped with a logged warning and the animation is written as usual.
-Files are written under a temporary name and renamed at the end, so a failed write never
-leaves a truncated file at ``path``.
+Files are written under a temporary name of their own (unique per call, created exclusively)
+and renamed at the end, so a failed write never leaves a truncated file at ``path`` and two
+writers never share a temporary file. Frames with NaN/inf are refused (naming the frames) rather
+than written black.
+
+Output names (:func:`reserve_numbered_path`, :func:`save_numbered_video`) are numbered
+``<prefix>_00001.<ext>`` and reserved by an exclusive create, so concurrent writers (two ComfyUI
+instances sharing one output folder) never pick the same number. The prefix is resolved against
+the output folder lexically, as ComfyUI does: symlinked sub-folders work, ``..`` escapes and
+absolute paths are refused, and bad prefixes (NUL byte, names over 255 bytes, a folder part that
+is a file) or an unwritable folder raise an error that names ``filename_prefix`` or the folder.
 """
 from __future__ import annotations
 
@@ -269,6 +281,10 @@ def write_video(
         else:
             _write_pil(arr, tmp, fps_f, fmt, meta, int(loop))
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise _folder_error(path.parent, e) from e
+        raise
     finally:
         if os.path.lexists(tmp):
             tmp.unlink()
@@ -611,38 +627,198 @@ def _probe_pil(p: Path) -> dict[str, Any]:
 # Output naming
 # --------------------------------------------------------------------------------------------
 
+_NAME_MAX = 255  # bytes per file or folder name (ext4, xfs, btrfs, APFS; NTFS counts 255 characters)
+_COUNTER_WIDTH = 5
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _create_temp_beside(path: Path, fmt: str) -> Path:
+    """A new, empty, uniquely named hidden file next to ``path`` (exclusive create).
+
+    Every write gets its own temporary file, so two writers never share one; the stem is cut
+    so the temporary name stays within the file-name limit whenever the final name does.
+    """
+    stem = path.stem[:120]
+    for _ in range(100):
+        tmp = path.with_name(f".{stem}.{secrets.token_hex(6)}.partial.{fmt}")
+        try:
+            os.close(os.open(tmp, _OPEN_FLAGS, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, f"could not create a temporary file next to {path}")
+
+
+def _folder_error(folder: Path, exc: OSError) -> OSError:
+    """An OSError from creating or writing in ``folder``, reworded to say what to do."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionError(
+            exc.errno,
+            f"the output folder {folder} is not writable ({exc.strerror}); make it writable for the user "
+            "running ComfyUI, or start ComfyUI with --output-directory set to a writable folder.",
+        )
+    if exc.errno == errno.ENAMETOOLONG:
+        return OSError(
+            exc.errno, f"the path in {folder} is too long for the file system; use a shorter filename_prefix."
+        )
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return OSError(
+            exc.errno, f"no space left (or quota exceeded) on the disk of the output folder {folder}; free some space."
+        )
+    return OSError(exc.errno, f"cannot write into the output folder {folder}: {exc.strerror or exc}")
+
+
+def _split_prefix(directory: Union[str, Path], prefix: str, ext: str) -> tuple[Path, list[str], str]:
+    """(output folder, sub-folder names, file name) of ``prefix``, checked and resolved lexically.
+
+    Lexical, the way ComfyUI's ``folder_paths.get_save_image_path`` does it: the prefix is
+    joined to the output folder and normalised without following links, so a symlinked
+    sub-folder of the output folder is accepted while ``..`` escapes and absolute paths are not.
+    """
+    raw = str(prefix)
+    if "\x00" in raw:
+        raise ValueError(
+            f"filename_prefix {raw!r} contains a NUL character (\\x00), which no file system allows in a "
+            "name; remove it (it usually comes from pasted binary text)."
+        )
+    cleaned = raw.replace("\\", "/").strip()
+    if not cleaned or cleaned.endswith("/"):
+        raise ValueError(f"filename_prefix {raw!r} needs a file name part, e.g. 'lynx' or 'videos/lynx'.")
+    if cleaned.startswith("/") or re.match(r"[A-Za-z]:", cleaned):
+        raise ValueError(
+            f"filename_prefix {raw!r} is an absolute path; give a name relative to the output folder "
+            f"{directory}, e.g. 'Lynx/lynx'."
+        )
+    root = os.path.abspath(directory)
+    target = os.path.normpath(os.path.join(root, cleaned))
+    if target == root or os.path.commonpath([root, target]) != root:
+        raise ValueError(
+            f"filename_prefix {raw!r} points outside the output folder {root} ('..' may not leave it); "
+            "use a relative sub-folder, e.g. 'Lynx/lynx'."
+        )
+    parts = list(Path(os.path.relpath(target, root)).parts)
+    name = parts.pop()
+    for part, shown in [(p, p) for p in parts] + [(name, f"{name}_{'0' * _COUNTER_WIDTH}1.{ext}")]:
+        size = len(os.fsencode(shown))
+        if size > _NAME_MAX:
+            raise ValueError(
+                f"filename_prefix {raw[:40]!r}… makes the name {shown[:40]!r}… {size} bytes long; file systems "
+                f"allow {_NAME_MAX} bytes per file or folder name (the counter and extension add "
+                f"{len(shown) - len(part)} to the file name); shorten it."
+            )
+    return Path(root), parts, name
+
+
+def _make_folder(root: Path, parts: list[str], prefix: str) -> Path:
+    folder = root
+    for part in parts:
+        folder = folder / part
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise ValueError(
+                f"filename_prefix {prefix!r}: {folder.relative_to(root).as_posix()!r} in the output folder {root} "
+                "is an existing file (or a broken link), not a folder; choose another sub-folder name or move "
+                "that file away."
+            )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _folder_error(folder, e) from e
+    return folder
+
+
+def _highest_number(folder: Path, name: str) -> int:
+    pattern = re.compile(re.escape(name) + r"_(\d{5,})(?:\..*)?$")
+    highest = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise _folder_error(folder, e) from e
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m:
+            highest = max(highest, int(m.group(1)))
+    return highest
+
+
+def _check_ext(ext: str) -> str:
+    ext = str(ext).strip().lstrip(".")
+    if not ext or not re.fullmatch(r"[A-Za-z0-9]+", ext):
+        raise ValueError(f"extension {ext!r} must be letters/digits, e.g. 'mp4'.")
+    return ext
+
+
 def next_free_path(directory: Union[str, Path], prefix: str, ext: str) -> Path:
     """``directory/<prefix>_00001.<ext>``, numbered one past the highest existing number.
 
     ``prefix`` may contain sub-folders ("videos/lynx" → directory/videos/lynx_00001.mp4); the
     folder is created. The counter is shared across extensions (lynx_00003.mp4 exists → the next
-    webp is lynx_00004.webp) so the files of one run keep one number. The returned path never
-    exists at the time of the call; the prefix may not leave ``directory``.
+    webp is lynx_00004.webp) so the files of one run keep one number. The returned path does not
+    exist at the time of the call, but nothing holds it: when several processes may write into
+    one folder use :func:`reserve_numbered_path`. The prefix may not leave ``directory``
+    (checked lexically; see :func:`_split_prefix`).
     """
-    base = Path(directory)
-    prefix = str(prefix).replace("\\", "/").strip()
-    ext = str(ext).strip().lstrip(".")
-    if not prefix or prefix.endswith("/"):
-        raise ValueError(f"filename prefix {prefix!r} needs a file name part, e.g. 'lynx' or 'videos/lynx'.")
-    if not ext or not re.fullmatch(r"[A-Za-z0-9]+", ext):
-        raise ValueError(f"extension {ext!r} must be letters/digits, e.g. 'mp4'.")
-    target = base / prefix
-    root = base.resolve()
-    folder = target.parent.resolve()
-    if folder != root and root not in folder.parents:
-        raise ValueError(f"filename prefix {prefix!r} points outside the output folder {base}; use a relative sub-folder.")
-    name = target.name
-    folder.mkdir(parents=True, exist_ok=True)
-    folder = target.parent
-    pattern = re.compile(re.escape(name) + r"_(\d{5,})(?:\..*)?$")
-    highest = 0
-    for entry in folder.iterdir():
-        m = pattern.match(entry.name)
-        if m:
-            highest = max(highest, int(m.group(1)))
-    counter = highest + 1
+    ext = _check_ext(ext)
+    root, parts, name = _split_prefix(directory, prefix, ext)
+    folder = _make_folder(root, parts, str(prefix))
+    counter = _highest_number(folder, name) + 1
     while True:
         candidate = folder / f"{name}_{counter:05d}.{ext}"
-        if not candidate.exists():
+        if not os.path.lexists(candidate):
             return candidate
         counter += 1
+
+
+def reserve_numbered_path(directory: Union[str, Path], prefix: str, ext: str) -> Path:
+    """Like :func:`next_free_path`, but the name is taken: an empty placeholder file is created
+    with an exclusive create (``O_EXCL``), so two writers at the same instant, even two ComfyUI
+    instances sharing one output folder, always get different numbers. Write the real file over
+    the placeholder with :func:`write_video` (it renames its finished temporary file onto it), or
+    use :func:`save_numbered_video`, which also removes the placeholder when the write fails.
+    """
+    ext = _check_ext(ext)
+    root, parts, name = _split_prefix(directory, prefix, ext)
+    folder = _make_folder(root, parts, str(prefix))
+    counter = _highest_number(folder, name) + 1
+    while True:
+        candidate = folder / f"{name}_{counter:05d}.{ext}"
+        try:
+            os.close(os.open(candidate, _OPEN_FLAGS, 0o666))
+        except FileExistsError:  # taken by a file, a folder or a concurrent writer: try the next
+            counter += 1
+            continue
+        except OSError as e:
+            raise _folder_error(folder, e) from e
+        return candidate
+
+
+def save_numbered_video(
+    frames: ArrayLike,
+    directory: Union[str, Path],
+    prefix: str,
+    fps: float,
+    format: str,
+    **options: Any,
+) -> Path:
+    """Write ``frames`` to the next free ``directory/<prefix>_NNNNN.<format>`` and return it.
+
+    The name is reserved first (:func:`reserve_numbered_path`); if the write fails, the empty
+    placeholder is removed again, so a failure leaves neither a half file nor an empty one.
+    ``options`` are :func:`write_video`'s (``metadata``, ``crf``, ``loop``, ``audio``).
+    """
+    fmt = str(format).lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown video format {format!r}; choose one of: {', '.join(FORMATS)}.")
+    path = reserve_numbered_path(directory, prefix, fmt)
+    try:
+        return write_video(frames, path, fps=fps, format=fmt, **options)
+    except BaseException:
+        _discard_placeholder(path)
+        raise
+
+
+def _discard_placeholder(path: Path) -> None:
+    try:
+        if path.stat().st_size == 0:
+            path.unlink()
+    except OSError:
+        pass

@@ -124,9 +124,11 @@ class LynxEncodeFaceID:
         except NoFaceError as exc:
             raise NoFaceError(no_face_message(exc, len(pixels)), exc.image_index, exc.image_size) from None
         except FaceSelectionError as exc:
+            where = getattr(exc, "image_index", None)
+            what = f"batch index {where}: {exc.__cause__}" if where is not None and exc.__cause__ else str(exc)
             raise FaceSelectionError(
-                f"face_index: {exc} Pick a number shown in the preview, set face_select to largest, or set "
-                "on_no_face to pass_through to skip that photo.") from None
+                f"face_index: {what} Pick a number shown in the preview, set face_select to largest, or set "
+                "on_no_face to pass_through on this node to skip that photo.") from None
         log.info("Lynx face: %s", identity.summary().replace("\n", " | "))
         preview = from_uint8(np.stack(analyzer.previews(pixels, identity)))
         if len(identity.crop256):

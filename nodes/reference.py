@@ -24,6 +24,66 @@ log = logging.getLogger(__name__)
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 
 
+WAN_VAE_FILE = "wan_2.1_vae.safetensors"
+# Wan 2.1 VAE: 16 latent channels, 8x spatial and 4x temporal compression. Wan2.1-T2V-14B and both
+# Wan2.2-A14B experts share it; the reference latent goes straight into the DiT, so any other
+# latent space gives garbage reference tokens without any error.
+WAN_LATENT_CHANNELS, WAN_SPATIAL, WAN_TEMPORAL = 16, 8, 4
+
+
+def vae_compression(vae) -> tuple[int | None, int | None]:
+    """(spatial, temporal) compression of a ComfyUI VAE, None where the object does not say."""
+    formula = getattr(vae, "downscale_index_formula", None)
+    if isinstance(formula, (tuple, list)) and len(formula) == 3:
+        return int(formula[-1]), int(formula[0])
+    ratio = getattr(vae, "downscale_ratio", None)
+    if isinstance(ratio, (int, float)):
+        return int(ratio), 1  # an image VAE: frames are not compressed
+    if isinstance(ratio, (tuple, list)) and ratio and isinstance(ratio[-1], (int, float)):
+        return int(ratio[-1]), None
+    return None, None
+
+
+def _vae_error(what: str, hint: str = "") -> ValueError:
+    return ValueError(
+        f"vae: {what}, but Lynx Encode Reference needs the Wan 2.1 VAE ({WAN_LATENT_CHANNELS} latent channels, "
+        f"{WAN_SPATIAL}x spatial and {WAN_TEMPORAL}x temporal compression).{hint} Load {WAN_VAE_FILE} with "
+        "Load VAE and connect it to 'vae'.")
+
+
+def check_wan_vae(vae) -> None:
+    """Refuse VAEs other than Wan 2.1's before anything is encoded (ComfyUI's VAE attributes)."""
+    if vae is None or not hasattr(vae, "encode"):
+        raise ValueError(f"vae: connect the Wan 2.1 VAE (Load VAE with {WAN_VAE_FILE})")
+    channels = getattr(vae, "latent_channels", None)
+    spatial, temporal = vae_compression(vae)
+    found = []
+    if isinstance(channels, int) and channels != WAN_LATENT_CHANNELS:
+        found.append(f"{channels} latent channels")
+    if spatial is not None and spatial != WAN_SPATIAL:
+        found.append(f"{spatial}x spatial compression")
+    if temporal is not None and temporal != WAN_TEMPORAL:
+        found.append(f"{temporal}x temporal compression")
+    if not found:
+        return
+    hint = ""
+    if temporal == 1:
+        hint = " It is an image VAE (SD, SDXL, Flux style)."
+    elif channels == 48:
+        hint = (" It is the Wan 2.2 VAE, which only Wan2.2-TI2V-5B uses; Wan2.1-T2V-14B and Wan2.2-A14B use the "
+                "Wan 2.1 VAE.")
+    raise _vae_error("this VAE has " + ", ".join(found), hint)
+
+
+def check_wan_latent(latent: torch.Tensor, pixels: torch.Tensor) -> None:
+    """The encoded reference must be one Wan latent frame [1, 16, 1, H/8, W/8] (for VAEs whose
+    attributes did not tell)."""
+    h, w = pixels.shape[1] // WAN_SPATIAL, pixels.shape[2] // WAN_SPATIAL
+    if latent.ndim != 5 or latent.shape[1] != WAN_LATENT_CHANNELS or tuple(latent.shape[-2:]) != (h, w):
+        raise _vae_error(f"this VAE encoded the {pixels.shape[2]}x{pixels.shape[1]} face into a latent of shape "
+                         f"{list(latent.shape)} instead of [1, {WAN_LATENT_CHANNELS}, 1, {h}, {w}]")
+
+
 def vae_posterior_sample(vae, pixels: torch.Tensor, seed: int) -> torch.Tensor:
     """Encode ``pixels`` (IMAGE [1, H, W, 3]) and draw mean + std·ε with the official ε.
 
@@ -40,6 +100,7 @@ def vae_posterior_sample(vae, pixels: torch.Tensor, seed: int) -> torch.Tensor:
     finally:
         if handle is not None:
             handle.remove()
+    check_wan_latent(mean, pixels)
     if len(captured) == 1 and captured[0].shape[1] == 2 * mean.shape[1] and captured[0].shape[2:] == mean.shape[2:]:
         mu, logvar = captured[0].chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -139,6 +200,7 @@ class LynxEncodeReference:
                              "a visible face, or set ref_scale to 0 in the sampler and remove this node.")
         if clip is None:
             raise ValueError("clip: connect the Wan UMT5 text encoder (CLIP Loader, type wan)")
+        check_wan_vae(vae)
         pixels = torch.from_numpy(crop.copy()).to(torch.float32).div(255.0).unsqueeze(0)
         grey = torch.full_like(pixels, 0.5)  # 0 in the VAE's [-1, 1] range: the official uncond image
         latent_format = model.get_model_object("latent_format")
@@ -147,4 +209,5 @@ class LynxEncodeReference:
         for px in (pixels, grey):
             z = latent_format.process_in(vae_posterior_sample(vae, px, int(seed)))
             feats.append(reference_pass(model, z, context))
-        return (ReferenceFeatures(cond=feats[0], uncond=feats[1], dim=dim, num_blocks=num_blocks, seed=int(seed)),)
+        return (ReferenceFeatures(cond=feats[0], uncond=feats[1], dim=dim, num_blocks=num_blocks, seed=int(seed),
+                                  face_embedding=face.embedding.detach().float().cpu().reshape(-1).clone()),)

@@ -11,7 +11,8 @@ from lynx_core.sampling.schedule import flow_sigmas
 
 from . import comfy_env
 from .guider import guider_class
-from .payloads import LYNX_ADAPTERS, LYNX_FACE, LYNX_REF, AdaptersHandle, ReferenceFeatures
+from .payloads import (LYNX_ADAPTERS, LYNX_FACE, LYNX_REF, AdaptersHandle, ReferenceFeatures, face_fingerprint,
+                       same_face)
 from .wan_patch import LynxRunState, casts_weights_itself, check_model_fits, patch_model
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,21 @@ def _adapters(adapters) -> AdaptersHandle:
     return adapters
 
 
+def check_reference_face(reference: ReferenceFeatures, embedding: torch.Tensor) -> bool:
+    """Warn (and return False) when the reference was made from another face than ``face``.
+
+    Not an error: mixing the Ref-adapter of one photo with the identity of another is a legitimate
+    experiment, but done by accident it gives a blend of two people without a word."""
+    if same_face(reference.face_embedding, embedding):
+        return True
+    log.warning(
+        "reference: it was made from another face (fingerprint %s) than the 'face' input of this node (%s); "
+        "the video will mix two identities. Connect the same Lynx Encode Face ID output to Lynx Encode "
+        "Reference and to this node, unless the mix is intended.",
+        reference.face_fingerprint, face_fingerprint(embedding))
+    return False
+
+
 def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scale, ref_scale,
                  start_percent, end_percent, blocks_to_swap, reference=None, official_sigmas=None):
     """Clone + patch ``model`` and return a ready Lynx guider (positive/negative set)."""
@@ -111,6 +127,7 @@ def build_guider(model, adapters, face, positive, negative, cfg, cfg_id, ip_scal
             raise ValueError(
                 f"reference: it was computed on a {reference.dim}-wide {reference.num_blocks}-block model but "
                 f"'model' is {dim}-wide with {num_blocks} blocks; feed Lynx Encode Reference the same model.")
+        check_reference_face(reference, embedding)
         ref_cond, ref_uncond = reference.cond, reference.uncond
     elif reference is not None and not handle.has_ref:
         log.info("reference: %s adapters have no Ref-adapter; the reference is not used", handle.variant)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import torch
 
-from lynx_core.video import next_free_path, write_video
+from lynx_core.video import save_numbered_video
 
 from . import comfy_env
 from .images import to_uint8
@@ -103,11 +104,14 @@ class LynxVideoCombine:
             raise ValueError(f"format: unknown choice {format!r}; use one of {FORMATS}")
         out_dir = comfy_env.output_directory()
         frames = to_uint8(images, "images")
-        path = next_free_path(out_dir, filename_prefix or "Lynx/lynx", format)
+        sound = comfy_audio_to_tuple(audio)
         meta = workflow_metadata(prompt, extra_pnginfo) if save_metadata else {}
-        path = write_video(frames, path, fps=float(frame_rate), format=format, metadata=meta, crf=int(crf),
-                           audio=comfy_audio_to_tuple(audio))
-        subfolder = path.parent.resolve().relative_to(out_dir.resolve()).as_posix()
+        # The number is reserved with an exclusive create, so ComfyUI instances sharing one output
+        # folder never write the same file; a failed write removes its reservation again.
+        path = save_numbered_video(frames, out_dir, filename_prefix or "Lynx/lynx", fps=float(frame_rate),
+                                   format=format, metadata=meta, crf=int(crf), audio=sound)
+        # Lexical, like the prefix check: a symlinked sub-folder is reported under its own name.
+        subfolder = os.path.relpath(path.parent, os.path.abspath(out_dir)).replace(os.sep, "/")
         entry = {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output",
                  "format": MIME[format], "frame_rate": float(frame_rate)}
         return {"ui": {"videos": [entry]}, "result": (str(path),)}

@@ -241,3 +241,51 @@ def test_entries_for_another_dtype_are_recomputed_lazily(parts):
     for g, w in ((got.ip, want.ip), (got.ref, want.ref)):
         assert g[0].dtype == torch.float32 and torch.equal(g[0], w[0]) and torch.equal(g[1], w[1])
     assert pre.cache._ip[(0, COND)][0].dtype == torch.bfloat16  # other blocks keep their entries
+
+
+# -- settings: variant defaults and the scales ------------------------------------------------
+
+
+def _lite(emb):
+    lite = LynxAdapters.create("lite", dim=CFG.dim, num_blocks=CFG.num_layers, **{**SMALL, "id_dim": 24}).eval()
+    _perturb(lite, 5)
+    return lite, LynxPatch(lite, make_conditioning(lite, emb))
+
+
+def test_default_guidance_follows_the_adapters_variant(parts):
+    """Lite runs two-pass CFG by default (the official lite CLI), full three-pass with cfg_id 2."""
+    model, full, prompt, negative, emb, ref_c, ref_u = parts
+    lite, lite_patch = _lite(emb)
+    full_patch = LynxPatch(full, make_conditioning(full, emb, ref_c, ref_u))
+    assert GenerationSettings().resolved(lite_patch).cfg_id == 0.0
+    assert GenerationSettings().resolved(full_patch).cfg_id == 2.0
+    assert GenerationSettings().resolved(None).cfg_id == 2.0
+    assert GenerationSettings(cfg_id=3.0).resolved(lite_patch).cfg_id == 3.0  # an explicit value wins
+    assert GenerationSettings.for_variant("lite", steps=4).cfg_id == 0.0
+    with pytest.raises(ValueError, match="variant"):
+        GenerationSettings.for_variant("medium")
+
+    default = generate(model, prompt, negative, SHAPE, _settings(), lite_patch)
+    two_pass = generate(model, prompt, negative, SHAPE, _settings(cfg_id=0.0), lite_patch)
+    three_pass = generate(model, prompt, negative, SHAPE, _settings(cfg_id=2.0), lite_patch)
+    assert torch.equal(default, two_pass)
+    assert not torch.allclose(default, three_pass)
+    full_default = generate(model, prompt, negative, SHAPE, _settings(), full_patch)
+    assert torch.equal(full_default, generate(model, prompt, negative, SHAPE, _settings(cfg_id=2.0), full_patch))
+
+
+def test_settings_scales_drive_the_patch_for_one_generation(parts):
+    model, full, prompt, negative, emb, ref_c, ref_u = parts
+    cond = make_conditioning(full, emb, ref_c, ref_u)
+    base = generate(model, prompt, negative, SHAPE, _settings(), None)
+    patch = LynxPatch(full, cond)
+    # zero scales in the settings turn both adapters off, as zero scales on the patch do
+    off = generate(model, prompt, negative, SHAPE, _settings(ip_scale=0.0, ref_scale=0.0), patch)
+    assert torch.equal(off, base)
+    assert (patch.ip_scale, patch.ref_scale) == (1.0, 1.0) and patch.active  # the patch's own scales are back
+    # a half scale from the settings equals a half scale on the patch; None keeps the patch's
+    half = generate(model, prompt, negative, SHAPE, _settings(ip_scale=0.5, ref_scale=0.25), patch)
+    own = generate(model, prompt, negative, SHAPE, _settings(), LynxPatch(full, cond, ip_scale=0.5, ref_scale=0.25))
+    assert torch.equal(half, own)
+    full_scales = generate(model, prompt, negative, SHAPE, _settings(), patch)
+    assert not torch.allclose(half, full_scales)

@@ -95,3 +95,11 @@ def test_face_similarity_warns_once_per_run(face_models, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "no face found in 4 of 4 frame(s) (batch index 0, 1, 2, 3)" in warnings[0]
+
+
+def test_face_index_error_names_the_widget_and_batch_index(face_models):
+    with pytest.raises(Exception) as err:
+        LynxEncodeFaceID().encode(_image(astronaut()), "mtcnn", "index", 3, "torch", "error")
+    msg = str(err.value)
+    assert msg.startswith("face_index: batch index 0: face index 3 requested but only 1 face(s)")
+    assert "on_no_face to pass_through on this node" in msg

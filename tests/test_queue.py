@@ -1,10 +1,11 @@
-"""nodes/queue.py against a small fake ComfyUI server (stdlib http.server plus a minimal websocket).
+"""lynx_batch's queue tool against a small fake ComfyUI server (stdlib http.server plus a minimal websocket).
 
 The fake server keeps ComfyUI's wire format: /upload/image renames clashing files, /prompt
-answers 400 with node_errors for a missing image, jobs run one at a time and send execution_start,
+answers 400 with node_errors for a missing image or a missing model (value_not_in_list with
+extra_info, as ComfyUI's validation does), jobs run one at a time and send execution_start,
 executing, progress (plus a binary preview frame), executed, execution_error or
-execution_success, and finally executing(node=None); /history, /queue, /view and /interrupt
-behave like ComfyUI's.
+execution_success, and finally executing(node=None); /history, /queue (GET, and POST delete),
+/view and /interrupt (targeted by prompt_id) behave like ComfyUI's server.py.
 """
 import base64
 import email.parser
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes import queue as lq
+from lynx_batch import queue as lq
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_API = ROOT / "workflows" / "api" / "lynx_full_t2v_api.json"
@@ -32,7 +33,9 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 class FakeComfy:
     """Just enough of ComfyUI's server for the queue tool; prompts steer the outcome:
-    'FAIL' raises in the sampler, 'SLOW' runs until interrupted, 'REJECT' fails validation."""
+    'FAIL' raises in the sampler, 'SLOW' runs until interrupted, 'STEADY' takes 1.5 s,
+    'CRASH' kills the server while it runs, 'REJECT' fails validation. ``unet_choices`` set to a
+    list makes UNETLoader validate its file name against it (a missing model)."""
 
     def __init__(self, tmp: Path) -> None:
         self.input_dir = tmp / "input"
@@ -41,6 +44,10 @@ class FakeComfy:
         self.output_dir.mkdir()
         self.uploads: list[dict] = []
         self.prompts: list[dict] = []  # /prompt bodies that were accepted
+        self.rejected: list[dict] = []  # /prompt bodies that failed validation
+        self.interrupts: list[str | None] = []  # prompt_id of each POST /interrupt
+        self.deleted: list[str] = []  # prompt ids taken off the queue by POST /queue {"delete"}
+        self.unet_choices: list[str] | None = None
         self.history: dict[str, dict] = {}
         self.pending: list[str] = []
         self.running: str | None = None
@@ -61,6 +68,10 @@ class FakeComfy:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def crash(self) -> None:
+        """The process dies: no answer, no history, no more jobs."""
+        self.close()
+
     # -- execution ---------------------------------------------------------------------------
     def send(self, client_id: str, kind: str, data: dict) -> None:
         q = self.clients.get(client_id)
@@ -74,6 +85,8 @@ class FakeComfy:
             except queue.Empty:
                 continue
             with self.lock:
+                if pid not in self.pending:  # taken off the queue by POST /queue {"delete"}
+                    continue
                 self.pending.remove(pid)
                 self.running = pid
             self.interrupted.clear()
@@ -96,6 +109,12 @@ class FakeComfy:
             (self.output_dir / f"preview_{pid}.png").write_bytes(b"temp preview")
             self.send(cid, "executed", {"node": "6", "output": outputs["6"], "prompt_id": pid})
             self.send(cid, "executing", {"node": sampler, "prompt_id": pid})
+            if "CRASH" in text:
+                self.interrupted.wait(0.4)  # long enough for a poll to see it running
+                self.crash()
+                return
+            if "STEADY" in text:
+                self.interrupted.wait(1.5)
             if "SLOW" in text:
                 while not self.interrupted.wait(0.02):
                     pass
@@ -186,6 +205,7 @@ class FakeComfy:
                     return self._prompt(json.loads(self._body()))
                 if url.path == "/interrupt":
                     body = json.loads(self._body() or b"{}")
+                    fake.interrupts.append(body.get("prompt_id"))
                     if body.get("prompt_id") in (None, fake.running):
                         fake.interrupted.set()
                     return self._send(200, b"", "text/plain")
@@ -195,6 +215,7 @@ class FakeComfy:
                         for pid in body.get("delete", []):
                             if pid in fake.pending:
                                 fake.pending.remove(pid)
+                                fake.deleted.append(pid)
                     return self._send(200, b"", "text/plain")
                 self._send(404, b"", "text/plain")
 
@@ -228,8 +249,23 @@ class FakeComfy:
             def _prompt(self, body):
                 prompt = body["prompt"]
                 for nid, node in prompt.items():
+                    if node["class_type"] == "UNETLoader" and fake.unet_choices is not None and \
+                            node["inputs"]["unet_name"] not in fake.unet_choices:
+                        fake.rejected.append(body)
+                        name = node["inputs"]["unet_name"]
+                        return self._send(400, {
+                            "error": {"type": "prompt_outputs_failed_validation",
+                                      "message": "Prompt outputs failed validation", "details": "",
+                                      "extra_info": {}},
+                            "node_errors": {nid: {"errors": [{
+                                "type": "value_not_in_list", "message": "Value not in list",
+                                "details": f"unet_name: '{name}' not in {fake.unet_choices}",
+                                "extra_info": {"input_name": "unet_name", "input_config": [fake.unet_choices, {}],
+                                               "received_value": name}}],
+                                "dependent_outputs": ["13"], "class_type": "UNETLoader"}}})
                     if node["class_type"] == "LoadImage":
                         if not (fake.input_dir / node["inputs"]["image"]).is_file():
+                            fake.rejected.append(body)
                             return self._send(400, {
                                 "error": {"type": "prompt_outputs_failed_validation",
                                           "message": "Prompt outputs failed validation", "details": ""},
@@ -238,6 +274,7 @@ class FakeComfy:
                                     "details": f"image - Invalid image file: {node['inputs']['image']}"}],
                                     "class_type": "LoadImage"}}})
                     if node["class_type"] == "CLIPTextEncode" and "REJECT" in node["inputs"]["text"]:
+                        fake.rejected.append(body)
                         return self._send(400, {"error": {"type": "x", "message": "Prompt outputs failed "
                                                           "validation", "details": ""},
                                                 "node_errors": {nid: {"errors": [{"message": "text rejected",
@@ -498,13 +535,15 @@ def test_apply_job_copies_and_fills(tmp_path):
     assert new["5"]["inputs"]["image"] == "lynx_queue/a.png"
     assert (new["7"]["inputs"]["text"], new["8"]["inputs"]["text"]) == ("p", "n")
     assert new["10"]["inputs"]["seed"] == new["11"]["inputs"]["seed"] == 5
-    assert wf["11"]["inputs"]["seed"] == 42 and wf["5"]["inputs"]["image"] == "face.png"  # original untouched
+    shipped = json.loads(FULL_API.read_text())
+    assert wf == shipped  # the original is untouched
     keep = lq.apply_job(wf, t, lq.Job(index=2, prompt="q"), None)
-    assert keep["11"]["inputs"]["seed"] == 42 and keep["8"]["inputs"]["text"] == wf["8"]["inputs"]["text"]
+    assert keep["11"]["inputs"]["seed"] == shipped["11"]["inputs"]["seed"]
+    assert keep["8"]["inputs"]["text"] == wf["8"]["inputs"]["text"]
 
 
 def test_load_workflow_rejects_ui_format(tmp_path):
-    ui = ROOT / "workflows" / "lynx_full_t2v.json"
+    ui = sorted((ROOT / "workflows").glob("*.json"))[0]  # the UI-format templates next to api/
     with pytest.raises(lq.QueueError, match="UI-format workflow"):
         lq.load_workflow(ui)
     bad = tmp_path / "bad.json"
@@ -577,11 +616,263 @@ def test_summary_table_columns(tmp_path):
 
 
 def test_script_mode_does_not_shadow_stdlib(tmp_path):
-    """`python nodes/queue.py` must not let this file (named like stdlib `queue`) shadow the stdlib."""
+    """`python nodes/queue.py` (the old name) and `python lynx_batch` (the package folder) run from
+    any folder: neither lets a file named like stdlib `queue` shadow the stdlib."""
     import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, str(ROOT / "nodes" / "queue.py"), "--help"], capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "--workflow" in proc.stdout
+    for argv, note in (([str(ROOT / "nodes" / "queue.py"), "--help"], True),
+                       ([str(ROOT / "lynx_batch"), "queue", "--help"], False)):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "--workflow" in proc.stdout and "--on-ctrl-c" in proc.stdout
+        assert "python -m lynx_batch queue" in proc.stdout  # the usage line names the new command
+        assert ("is now `python -m lynx_batch queue`" in proc.stderr) is note
+
+
+# -- issue 9: nothing lost, nothing misreported --------------------------------------------------
+
+
+def _press_ctrl_c_when(condition, timeout=20.0):
+    """Send SIGINT to the main thread (what Ctrl-C does) once condition() holds, from a helper thread.
+    A real signal, unlike _thread.interrupt_main, also breaks a blocking socket read at once."""
+    import _thread
+    import signal
+    import time
+
+    def watch():
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if condition():
+                time.sleep(0.15)  # let the tool get back to following the jobs
+                if hasattr(signal, "pthread_kill"):
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                else:
+                    _thread.interrupt_main()
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def _run_catching_ctrl_c(args, capsys):
+    try:
+        return _run(args, capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the queue tool")
+
+
+def test_reused_out_folder_never_replaces_the_report(fake, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png", "--out", out,
+            "--poll-interval", "0.05", "-q"]
+    code, stdout, _ = _run(args + ["--prompt", "first run"], capsys)
+    assert code == 0 and f"report: {out / 'report.json'}" in stdout
+    first = (out / "report.json").read_bytes()
+    code, stdout, _ = _run(args + ["--prompt", "second run"], capsys)
+    assert code == 0
+    assert (out / "report.json").read_bytes() == first  # the first run's report is untouched
+    assert f"report: {out / 'report_0001.json'}" in stdout
+    assert json.loads((out / "report_0001.json").read_text())[0]["prompt"] == "second run"
+    assert not list(out.glob(".*")), "a temporary file was left behind"
+
+
+def test_write_new_file_is_atomic_and_numbered(tmp_path):
+    from lynx_batch.files import numbered_with_counter, write_new_file
+
+    (tmp_path / "report.json").write_text("old")
+    (tmp_path / "report_0001.json").write_text("older")
+    path = write_new_file(tmp_path, "report.json", b"new", numbered_with_counter)
+    assert path.name == "report_0002.json" and path.read_bytes() == b"new"
+    assert (tmp_path / "report.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report_0001.json", "report_0002.json"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be-bom"])
+def test_prompts_files_in_utf8_or_with_a_bom_are_read(tmp_path, encoding):
+    text = "prompt,seed\nune femme sourit à la caméra,3\n日本の庭園を歩く,4\n"
+    if encoding == "utf-16-be-bom":
+        data = b"\xfe\xff" + text.encode("utf-16-be")
+    else:
+        data = text.encode(encoding)  # Python's "utf-16" writes a BOM, as Windows' "Unicode" does
+    (tmp_path / "p.csv").write_bytes(data)
+    rows = lq.load_prompts(tmp_path / "p.csv")
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("une femme sourit à la caméra", 3),
+                                                         ("日本の庭園を歩く", 4)]
+    (tmp_path / "p.txt").write_bytes(data)
+    assert lq.load_prompts(tmp_path / "p.txt")[0]["prompt"] == "prompt,seed"
+
+
+def test_prompts_file_that_is_not_utf8_names_the_byte_and_the_fix(fake, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("first prompt\nune femme à la plage\n".encode("latin-1"))
+    with pytest.raises(lq.QueueError) as e:
+        lq.load_prompts(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "not valid UTF-8" in msg
+    assert "byte 0xe0 at byte 23 (line 2, column 11)" in msg
+    assert "save it as UTF-8" in msg
+    code, _, err = _run(["--server", fake.url, "--workflow", FULL_API, "--prompts", bad, "--out", tmp_path / "o"],
+                        capsys)
+    assert code == 2 and "error: --prompts:" in err and "Traceback" not in err
+    assert fake.prompts == [] and fake.uploads == []
+
+
+def test_out_pointing_at_a_file_is_a_clear_error(fake, photos, tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    code, _, err = _run(["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png",
+                         "--prompt", "x", "--out", target], capsys)
+    assert code == 2
+    assert f"--out: {target} is a file, not a folder" in err
+    assert target.read_text() == "keep me"
+    assert fake.prompts == [] and fake.uploads == []  # nothing was sent before the check
+
+
+@pytest.mark.parametrize("websocket", [True, False], ids=["websocket", "polling"])
+def test_server_dying_mid_batch_still_reports_every_job(fake, photos, tmp_path, capsys, websocket):
+    out = tmp_path / "out"
+    args = ["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png", "--prompt", "fine",
+            "--prompt", "CRASH here", "--prompt", "later", "--out", out, "--poll-interval", "0.05",
+            "--server-grace", "0.3"]
+    code, stdout, err = _run(args + ([] if websocket else ["--no-websocket"]), capsys)
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report] == ["ok", "unknown", "unknown"]
+    assert len(report[0]["outputs"]) == 1 and Path(report[0]["outputs"][0]).is_file()
+    assert "while this job ran" in report[1]["error"]
+    assert "waiting in the server queue" in report[2]["error"]
+    assert "1 ok, 0 failed, 2 unknown, 3 jobs" in stdout
+    assert f"error: the ComfyUI server at {fake.url} stopped answering" in err
+
+
+def test_server_gone_before_sending_leaves_the_rest_not_run(fake, photos, tmp_path, capsys, monkeypatch):
+    sent = []
+    real = lq.ComfyClient.queue_prompt
+
+    def queue_then_die(self, wf, cid):
+        if sent:
+            fake.crash()
+        sent.append(1)
+        return real(self, wf, cid)
+
+    monkeypatch.setattr(lq.ComfyClient, "queue_prompt", queue_then_die)
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png",
+                            "--prompt", "a", "--prompt", "b", "--prompt", "c", "--out", out, "--no-websocket",
+                            "--poll-interval", "0.05", "--server-grace", "0.2"], capsys)
+    assert code == 1
+    assert [r["status"] for r in json.loads((out / "report.json").read_text())] == ["unknown", "not_run", "not_run"]
+    assert "2 not run" in stdout
+
+
+def test_workflow_the_server_cannot_run_stops_at_the_first_job(fake, photos, tmp_path, capsys):
+    fake.unet_choices = [f"model_{i}.safetensors" for i in range(8)]
+    out = tmp_path / "out"
+    code, stdout, err = _run(["--server", fake.url, "--workflow", FULL_API, "--faces", photos,
+                              "--prompt", "one", "--prompt", "two", "--out", out, "--poll-interval", "0.05"],
+                             capsys)
+    assert code == 2
+    assert len(fake.rejected) == 1 and fake.prompts == []  # the other three were never sent
+    # one message, naming the node, the input and the missing file, with a few of the server's files
+    assert err.count("is not on the server") == 1
+    assert "node 1 (UNETLoader) input 'unet_name': 'wan2.1_t2v_14B_bf16.safetensors' is not on the server" in err
+    assert "model_0.safetensors" in err and "model_7.safetensors" not in err
+    assert "3 more job(s) were not sent" in err
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report] == ["failed", "not_run", "not_run", "not_run"]
+    assert "1 ok" not in stdout and "0 ok, 1 failed, 3 not run, 4 jobs" in stdout
+
+
+def test_is_workflow_error_tells_job_errors_from_workflow_errors():
+    from lynx_batch.server_errors import is_workflow_error
+
+    wf = lq.load_workflow(FULL_API)
+    mine = lq.locate_targets(wf).job_inputs()
+
+    def answer(nid, input_name=None):
+        extra = {"input_name": input_name} if input_name else {}
+        return {"error": {"message": "Prompt outputs failed validation"},
+                "node_errors": {nid: {"errors": [{"type": "x", "message": "m", "extra_info": extra}]}}}
+
+    assert not is_workflow_error(answer("5", "image"), mine)  # our photo
+    assert not is_workflow_error(answer("7"), mine)  # our prompt node, no input named
+    assert not is_workflow_error(answer("11", "seed"), mine)  # our seed
+    assert is_workflow_error(answer("11", "steps"), mine)  # a value no job changes
+    assert is_workflow_error(answer("3", "vae_name"), mine)  # a missing model
+    assert is_workflow_error({"error": {"type": "invalid_prompt", "message": "node X does not exist"},
+                              "node_errors": {}}, mine)
+
+
+def test_error_texts_have_no_doubled_braces(tmp_path):
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(lq.QueueError) as e:
+        lq.load_workflow(listing)
+    assert "(expected {node_id: {class_type, inputs}})" in str(e.value)
+    import re
+
+    for path in sorted((ROOT / "lynx_batch").glob("*.py")):
+        for m in re.finditer(r'(?<![f{])"[^"\n]*\{\{[^"\n]*"', path.read_text()):
+            pytest.fail(f"{path.name}: doubled brace in a plain string {m.group(0)}")
+
+
+def test_websocket_client_is_a_declared_dependency():
+    import tomllib
+
+    reqs = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert any(r.lower().startswith("websocket-client") for r in reqs)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.lower().startswith("websocket-client") for d in deps)
+
+
+def test_ctrl_c_interrupts_the_running_job_and_empties_our_queue(fake, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    _press_ctrl_c_when(lambda: len(fake.prompts) == 3 and fake.running == "pid-001")
+    code, stdout, err = _run_catching_ctrl_c(
+        ["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png", "--prompt", "SLOW a",
+         "--prompt", "b", "--prompt", "c", "--out", out, "--no-websocket", "--poll-interval", "0.05"], capsys)
+    assert code == 130
+    assert fake.interrupts[:1] == ["pid-001"] and set(fake.interrupts) == {"pid-001"}  # targeted, ours only
+    assert fake.deleted == ["pid-002", "pid-003"]
+    assert set(fake.history) == {"pid-001"}  # the removed jobs never ran
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report] == ["interrupted", "removed", "removed"]
+    assert report[0]["error"].startswith("interrupted on the server by Ctrl-C")
+    assert "0 ok, 0 failed, 1 interrupted, 2 removed, 3 jobs" in stdout
+    assert "Ctrl-C: interrupting running job 1 on the server, removing 2 waiting job(s)" in err
+
+
+def test_ctrl_c_with_wait_lets_the_running_job_finish_and_downloads_it(fake, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    _press_ctrl_c_when(lambda: len(fake.prompts) == 2 and fake.running == "pid-001")
+    code, stdout, _ = _run_catching_ctrl_c(
+        ["--server", fake.url, "--workflow", FULL_API, "--faces", photos / "anna.png", "--prompt", "STEADY a",
+         "--prompt", "b", "--out", out, "--on-ctrl-c", "wait", "--poll-interval", "0.05"], capsys)
+    assert code == 130
+    assert fake.interrupts == [] and fake.deleted == ["pid-002"]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report] == ["ok", "removed"]
+    (video,) = [Path(p) for p in report[0]["outputs"]]
+    assert video.read_bytes().startswith(b"video for STEADY a")
+    assert "1 ok, 0 failed, 1 removed, 2 jobs" in stdout
+
+
+def test_the_custom_node_import_never_reaches_the_batch_tools():
+    """ComfyUI imports the pack's __init__.py and nodes/: none of it may import lynx_batch or the shim."""
+    import ast
+
+    sources = [ROOT / "__init__.py", *sorted((ROOT / "nodes").glob("*.py"))]
+    for path in sources:
+        if path.name == "queue.py":
+            continue  # the shim itself, only ever run as a command
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module or ''}.{a.name}" for a in node.names]
+            for name in names:
+                assert not name.lstrip(".").startswith("lynx_batch"), f"{path.name} imports {name}"
+                assert not name.endswith(".queue") and name != "queue", f"{path.name} imports {name}"

@@ -35,7 +35,7 @@ def _step(model, opt, gen: torch.Generator) -> float:
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 OPTIMIZERS = {
@@ -231,3 +231,21 @@ def test_check_compatible_names_the_setting_and_the_fix(tmp_path):
         check_compatible(state, {k: v for k, v in CONFIG.items() if k != "mode"}, {"base": "f1"}, MUST)
     # Only the listed fingerprints matter when a list is given.
     assert check_compatible(state, CONFIG, {"base": "f1", "dataset": "new"}, MUST, fingerprint_keys=["base"]) == []
+
+
+def test_cuda_rng_state_of_the_current_device_round_trips(tmp_path, monkeypatch):
+    # No GPU in CI: stand in for torch.cuda and check what is captured, stored and put back.
+    fake = torch.arange(16, dtype=torch.uint8)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: fake.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state.clone(), device)))
+    folder = _save(tmp_path, 1, rng_states=capture_rng_states())
+    restore_rng_states(load_checkpoint(folder).rng_states)
+    assert len(calls) == 1 and calls[0][1] == 1 and torch.equal(calls[0][0], fake)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on a machine without cuda:1
+    restore_rng_states(load_checkpoint(folder).rng_states)
+    assert len(calls) == 1

@@ -11,6 +11,7 @@ from lynx_core.train.lora import (
     apply_lora,
     has_lora,
     load_lora_state,
+    lora_num_params,
     lora_parameters,
     lora_settings,
     lora_state,
@@ -88,6 +89,17 @@ def test_parameter_counts():
     assert len(params) == 2 * 2 * (len(adapters.ip_layers) + len(adapters.ref_layers))
     assert [id(p) for p in params] == [id(p) for p in lora_parameters(adapters)]
     assert lora_settings(adapters) == {"rank": 4, "alpha": 4.0}
+    assert lora_num_params(_adapters(), rank) == expected
+
+
+def test_lynx_full_rank64_count_on_meta():
+    # The planning figure of reference/training.md: rank 64 on 4 projections x 40 blocks of width 5120.
+    full = LynxAdapters.create("full", device="meta")
+    assert lora_num_params(full, 64) == 2 * 40 * 2 * 64 * (5120 + 5120) == 104_857_600
+    lite = LynxAdapters.create("lite", device="meta")
+    assert lora_num_params(lite, 64) == 20 * 2 * 64 * (2048 + 5120)
+    with pytest.raises(LoRAError, match="meta device"):
+        apply_lora(full, rank=64)
 
 
 def test_lite_has_no_ref_targets():
@@ -115,6 +127,9 @@ def test_merged_forward_equals_lora_forward_and_has_official_keys():
     assert {p: set(sd) for p, sd in official_state(merged).items()} == plain_keys
     # Unchanged tensors are shared with the training adapters, not copied.
     assert merged.resampler.latents.data_ptr() == adapters.resampler.latents.data_ptr()
+    # ...and the training adapters keep training: their parameters still want gradients.
+    assert all(p.requires_grad for p in params) and adapters.resampler.latents.requires_grad
+    assert not any(p.requires_grad for p in merged.parameters())
 
 
 def test_merge_inplace_replaces_with_plain_linear():

@@ -124,8 +124,19 @@ UI_FILES = [p for p in _all_json() if _is_ui(json.loads(p.read_text(encoding="ut
 API_FILES = [p for p in _all_json() if p not in UI_FILES]
 
 
+# Template file names are what ComfyUI's template browser shows as the card's title and description
+# for a custom node pack (it has no other source), so they are written as titles; the API twins keep
+# short names for scripts.
+TEMPLATES = {
+    "Lynx Full (ID and Ref adapters), photo to video.json": "lynx_full_t2v_api.json",
+    "Lynx Lite (ID adapter only), photo to video.json": "lynx_lite_t2v_api.json",
+}
+ARCFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"
+LYNX_HF = "https://huggingface.co/ByteDance/lynx/resolve/main/"
+
+
 def _api_pair(ui_path):
-    return WORKFLOWS / "api" / f"{ui_path.stem}_api.json"
+    return WORKFLOWS / "api" / TEMPLATES[ui_path.name]
 
 
 def _load(path):
@@ -137,7 +148,7 @@ def _ids(paths):
 
 
 def test_the_expected_workflows_exist():
-    assert {p.name for p in UI_FILES} >= {"lynx_full_t2v.json", "lynx_lite_t2v.json"}
+    assert {p.name for p in UI_FILES} == set(TEMPLATES)
     for ui in UI_FILES:
         assert _api_pair(ui).is_file(), f"{ui.name} has no API twin at {_api_pair(ui)}"
     assert len(API_FILES) == len(UI_FILES)
@@ -231,10 +242,19 @@ def test_ui_graph_is_consistent(path, schemas):
                 assert next(it) == _CONTROL, f"{where}: no control_after_generate after {w.name}"
             if s.image_upload and w.name == "image":
                 assert next(it) == "image", f"{where}: LoadImage upload widget value"
-        # the model download hints name the file the loader is set to
+        # the model download hints name the file the loader is set to (Lynx: the files of the
+        # selected variant folder; the face encoder: ArcFace)
         for m in n.get("properties", {}).get("models", []):
-            assert m["name"] in values, f"{where}: models hint {m['name']} is not the selected file"
-            assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
+            assert set(m) == {"name", "url", "directory"}, f"{where}: models hint keys {sorted(m)}"
+            if n["type"] == "LoadLynxAdapters":
+                assert m["name"].startswith(values[0] + "/") and m["directory"] == "lynx", where
+                assert m["url"] == LYNX_HF + m["name"], f"{where}: {m['url']}"
+            elif n["type"] == "LynxEncodeFaceID":
+                assert (m["name"], m["url"], m["directory"]) == (
+                    "recognition_arcface_ir_se50.pth", ARCFACE_URL, "facexlib"), where
+            else:
+                assert m["name"] in values, f"{where}: models hint {m['name']} is not the selected file"
+                assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
 
     for lid, origin, oslot, target, tslot, ltype in g["links"]:
         o, t = nodes[origin], nodes[target]
@@ -259,6 +279,112 @@ def test_notes_say_where_every_model_file_goes(path):
                     assert f in notes
                 assert ("ref_layers.safetensors" in notes) == (name == "lynx_full")
     assert "recognition_arcface_ir_se50.pth" in notes and "models/facexlib" in notes
+
+
+def test_template_names_read_as_titles():
+    """The template browser shows a custom pack's file name as the card title and, with - and _
+    turned into spaces, as its description; the name is also part of the template's URL."""
+    import re
+
+    for ui in UI_FILES:
+        name = ui.stem
+        assert name.startswith("Lynx ") and len(name) <= 60, name
+        assert re.fullmatch(r"[A-Za-z0-9 (),.]+", name), f"{name!r}: keep to letters, digits, spaces, (),."
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=_ids(UI_FILES))
+def test_notes_render_and_name_the_run_button(path):
+    g = _load(path)
+    notes = [n for n in g["nodes"] if n["type"] in CORE["virtual"]]
+    assert notes
+    for n in notes:
+        text = n["widgets_values"][0]
+        # a plain Note shows markdown literally; formatted text belongs in a MarkdownNote
+        if n["type"] == "Note":
+            assert not any(mark in text for mark in ("*", "`", "##")), f"note {n['id']} has markdown"
+        assert "Queue" not in text, f"note {n['id']}: the front-end's button is called Run"
+    how = next(n for n in notes if n.get("title") == "How to use")
+    assert how["type"] == "MarkdownNote" and "**Run**" in how["widgets_values"][0]
+
+
+def _tree_errors(block):
+    """Lines of a box-drawing folder tree whose guides do not match their ancestors' connectors."""
+    errors, open_ = [], []  # open_[d]: the last connector at depth d was a tee (a sibling follows)
+    for line in block.splitlines()[1:]:
+        for connector in ("├── ", "└── "):
+            at = line.find(connector)
+            if at >= 0:
+                break
+        else:
+            errors.append(line)
+            continue
+        depth, prefix = at // 4, line[:at]
+        want = "".join("│   " if is_open else "    " for is_open in open_[:depth])
+        if at % 4 or depth > len(open_) or prefix != want:
+            errors.append(line)
+        del open_[depth:]
+        open_.append(connector == "├── ")
+    return errors
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=_ids(UI_FILES))
+def test_note_folder_trees_are_drawn_consistently(path):
+    import re
+
+    notes = "\n".join(n["widgets_values"][0] for n in _load(path)["nodes"] if n["type"] in CORE["virtual"])
+    blocks = [b for b in re.findall(r"```\n(.*?)```", notes, re.S) if "── " in b]
+    assert blocks, "the model note has a folder tree"
+    for block in blocks:
+        assert _tree_errors(block) == [], block
+    assert _tree_errors("models/\n├── lynx/\n│   └── lynx_full/\n│   │   └── a") == ["│   │   └── a"]
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=_ids(UI_FILES))
+def test_missing_models_dialog_lists_the_lynx_files(path):
+    """ComfyUI's Missing Models check reads ``properties.models`` (only entries named by one of the
+    node's widget values) and the workflow-level ``models`` list (entries some node declares).
+    The adapters widget names a folder and ArcFace has no widget, so their files are declared on
+    their nodes and listed at the workflow level."""
+    from nodes.comfy_env import MODEL_FOLDERS
+
+    g = _load(path)
+    variant = next(n["widgets_values"][0] for n in g["nodes"] if n["type"] == "LoadLynxAdapters")
+    files = ["resampler.safetensors", "ip_layers.safetensors"] + (["ref_layers.safetensors"] if variant == "lynx_full" else [])
+    declared = [m for n in g["nodes"] if n["type"] in ("LoadLynxAdapters", "LynxEncodeFaceID")
+                for m in n["properties"]["models"]]
+    assert sorted(m["name"] for m in declared) == sorted([f"{variant}/{f}" for f in files]
+                                                         + ["recognition_arcface_ir_se50.pth"])
+    assert g["models"] == declared
+    assert {m["directory"] for m in declared} <= set(MODEL_FOLDERS)
+    for n in g["nodes"]:
+        values = {v for v in n.get("widgets_values", []) if isinstance(v, str)}
+        for m in n.get("properties", {}).get("models", []):
+            assert m["name"] in values or m in g["models"], f"node {n['id']}: {m['name']} would be dropped"
+
+
+def test_default_face_photo_ships_and_is_copied_once(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from lynx_core.assets import EXAMPLE_FACE
+    from nodes.example_photo import copy_example_photo, install_example_photo
+
+    for ui in UI_FILES:
+        (load,) = [n for n in _load(ui)["nodes"] if n["type"] == "LoadImage"]
+        assert load["widgets_values"][0] == EXAMPLE_FACE.name
+        assert _load(_api_pair(ui))[str(load["id"])]["inputs"]["image"] == EXAMPLE_FACE.name
+    # copied into ComfyUI's input folder once, complete, and never over a file of that name
+    inputs = tmp_path / "input"
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_input_directory=lambda: str(inputs)))
+    target = install_example_photo()
+    assert target == inputs / EXAMPLE_FACE.name and target.read_bytes() == EXAMPLE_FACE.read_bytes()
+    assert [p.name for p in inputs.iterdir()] == [EXAMPLE_FACE.name]  # no temporary file left
+    target.write_bytes(b"the user's own photo")
+    assert copy_example_photo(inputs) == target and target.read_bytes() == b"the user's own photo"
+    # an input folder that cannot be created: a warning, no exception (the pack must still load)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert copy_example_photo(blocker / "input") is None
 
 
 # -- API format --------------------------------------------------------------------------------

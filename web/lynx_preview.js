@@ -10,6 +10,15 @@ const VIDEO_WIDGET = "lynx_video_preview";
 const CAPTION_WIDGET = "lynx_face_caption";
 const VIDEO_EXTS = ["mp4", "webm", "mov", "mkv"];
 
+// The front-end draws a DOM widget inside its slot inset by a margin on every side (10 px unless the
+// widget says otherwise), so a slot of height h shows only h - 2 * margin of the element. The
+// caption's slot is sized from its text laid out the way the CSS below lays it out.
+const DOM_MARGIN = 10;
+const CAPTION_FONT = "12px sans-serif";
+const CAPTION_LINE = 16;   // px, the caption's CSS line-height
+const CAPTION_PAD_X = 6;   // px, left and right padding
+const CAPTION_PAD_Y = 2;   // px, top and bottom padding
+
 function injectStyle() {
   if (document.getElementById("lynx-preview-style")) return;
   const style = document.createElement("style");
@@ -19,8 +28,9 @@ function injectStyle() {
       justify-content: center; overflow: hidden; }
     .lynx-video-preview video, .lynx-video-preview img { width: 100%; height: 100%;
       object-fit: contain; border-radius: 4px; }
-    .lynx-face-caption { font: 12px sans-serif; color: var(--input-text, #ddd); padding: 2px 6px;
-      white-space: pre-wrap; overflow: hidden; }
+    .lynx-face-caption { font: ${CAPTION_FONT}; line-height: ${CAPTION_LINE}px;
+      color: var(--input-text, #ddd); padding: ${CAPTION_PAD_Y}px ${CAPTION_PAD_X}px; box-sizing: border-box;
+      white-space: pre-wrap; overflow-wrap: anywhere; overflow: hidden; }
   `;
   document.head.appendChild(style);
 }
@@ -67,7 +77,9 @@ function showVideo(node, file) {
     box.className = "lynx-video-preview";
     state = node.lynxVideo = { box, aspect: 9 / 16, media: null };
     state.widget = addPreviewWidget(node, VIDEO_WIDGET, box, {
-      getMinHeight: () => Math.max(64, Math.round((node.size[0] - 20) * state.aspect)),
+      margin: DOM_MARGIN,
+      // the element is the slot minus the margins: give the video its aspect inside that
+      getMinHeight: () => Math.max(64, Math.round((node.size[0] - 2 * DOM_MARGIN) * state.aspect) + 2 * DOM_MARGIN),
     });
   }
   const ext = extensionOf(file);
@@ -102,12 +114,59 @@ function showVideo(node, file) {
   fitNode(node);
 }
 
+let measureCtx = null;
+
+function textWidth(text) {
+  if (!measureCtx) {
+    measureCtx = document.createElement("canvas").getContext("2d");
+  }
+  if (!measureCtx) return text.length * 7; // no canvas: a generous guess for a 12 px font
+  measureCtx.font = CAPTION_FONT;
+  return measureCtx.measureText(text).width;
+}
+
+// Visual lines of `text` in a box `width` px wide: explicit line breaks plus word wrapping (a word
+// longer than a line breaks anywhere, as overflow-wrap: anywhere does).
+export function wrappedLineCount(text, width, measure = textWidth) {
+  let count = 0;
+  for (const paragraph of String(text).split("\n")) {
+    let lines = 1;
+    let used = 0;
+    for (const word of paragraph.split(/(\s+)/).filter((w) => w.length)) {
+      const w = measure(word);
+      if (used + w <= width || (used === 0 && w <= width)) {
+        used += w;
+      } else if (/^\s+$/.test(word)) {
+        used = width; // a space at the end of a line: the next word starts a new line
+      } else {
+        lines += used > 0 ? 1 : 0;
+        used = w;
+        while (used > width) {
+          lines += 1;
+          used -= width;
+        }
+      }
+    }
+    count += lines;
+  }
+  return count;
+}
+
+// Slot height that shows every line of the caption in a node `nodeWidth` px wide.
+export function captionSlotHeight(text, nodeWidth, measure = textWidth) {
+  const inner = Math.max(20, nodeWidth - 2 * DOM_MARGIN - 2 * CAPTION_PAD_X);
+  return 2 * DOM_MARGIN + 2 * CAPTION_PAD_Y + CAPTION_LINE * wrappedLineCount(text, inner, measure);
+}
+
 function showFaceCaption(node, lines) {
   let el = node.lynxCaption;
   if (!el) {
     el = node.lynxCaption = document.createElement("div");
     el.className = "lynx-face-caption";
-    addPreviewWidget(node, CAPTION_WIDGET, el, { getMinHeight: () => 20 + 16 * (el.textContent.split("\n").length - 1) });
+    addPreviewWidget(node, CAPTION_WIDGET, el, {
+      margin: DOM_MARGIN,
+      getMinHeight: () => captionSlotHeight(el.textContent, node.size[0]),
+    });
   }
   el.textContent = lines.join("\n");
   fitNode(node);

@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Key maps and variant detection live in .keys; they are part of this module's public API too.
 __all__ = [
-    "LynxAdapterError", "adapter_file_parts", "load_adapters", "save_adapters", "save_adapters_combined", "detect_variant",
+    "LynxAdapterError", "adapter_file_parts", "load_adapters", "save_adapters", "save_adapters_combined",
+    "detect_variant",
     "official_to_combined", "combined_to_official", "official_state", "combined_state",
 ]
 

@@ -96,3 +96,28 @@ class WanVAE:
         video = self.vae.decode(z / (1.0 / std) + mean).sample  # [1,3,F,H,W]
         video = (video * 0.5 + 0.5).clamp(0, 1).float()
         return (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def encode_frames(vae: "WanVAE", frames: np.ndarray) -> torch.Tensor:
+    """Training targets: uint8 frames [F,H,W,3] -> normalised latent [16, (F-1)//4+1, H/8, W/8].
+
+    The posterior mean (not a sample): a training target should not carry the VAE's own noise.
+    """
+    dev = vae.vae.device
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).mul(2).sub(1)
+    x = x.permute(3, 0, 1, 2)[None]  # [1, 3, F, H, W]
+    with torch.no_grad():
+        z = vae.vae.encode(x.to(dev, vae.dtype)).latent_dist.mean
+    mean, std = _stats(dev, z.dtype)
+    return ((z - mean) * (1.0 / std))[0].float().cpu()
+
+
+def encode_text_trimmed(te: "TextEncoder", prompt: str) -> torch.Tensor:
+    """[L, 4096] UMT5 states of the prompt's real tokens (the zero padding is added back at training)."""
+    text = clean_prompt(prompt)
+    t = te.tokenizer([text], max_length=te.max_length, truncation=True, add_special_tokens=True,
+                     return_tensors="pt")
+    dev = te.model.device
+    with torch.no_grad():
+        hidden = te.model(t.input_ids.to(dev), t.attention_mask.to(dev)).last_hidden_state
+    return hidden[0].float().cpu()

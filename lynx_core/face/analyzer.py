@@ -11,8 +11,9 @@ are averaged and the mean is renormalised to unit length. The first used face's 
 Lynx reference image.
 
 When an image has no face, ``on_no_face="error"`` raises ``NoFaceError`` naming the image;
-``on_no_face="skip"`` logs it (``warn_skipped``) and carries on, and if no image had a usable face the identity is
-returned with ``embedding=None`` ("no identity") so a queued batch keeps running.
+``on_no_face="skip"`` logs it (at warning level unless ``warn_skipped=False``) and carries on, and
+if no image had a usable face the identity is returned with ``embedding=None`` ("no identity") so a
+queued batch keeps running.
 """
 from __future__ import annotations
 
@@ -244,7 +245,9 @@ class FaceAnalyzer:
                 picked = select_faces(faces, select, index)
             except FaceSelectionError as exc:
                 if on_no_face == "error":
-                    raise FaceSelectionError(f"{label}: {exc}") from exc
+                    err = FaceSelectionError(f"{label}: {exc}")
+                    err.image_index = i  # for callers that name images their own way
+                    raise err from exc
                 logger.log(skip_level, "%s: %s Skipping it.", label, exc)
                 messages.append(f"{label}: {exc} Skipped.")
                 chosen.append([])

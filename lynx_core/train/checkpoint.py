@@ -143,14 +143,14 @@ def _check_jsonable(name: str, value: Any) -> None:
 
 # ------------------------------------------------------------------------------ RNG states
 def capture_rng_states(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict[str, Any]:
-    """Python ``random``, numpy's global RNG, torch CPU, torch CUDA (when available), and named generators."""
+    """Python ``random``, numpy's global RNG, torch CPU, the current CUDA device (once CUDA is in use), named generators."""
     np_state = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"kind": np_state[0], "keys": np_state[1].tolist(), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "torch_cuda": _cuda_state(),
         "generators": {},
     }
     for name, gen in (generators or {}).items():
@@ -158,6 +158,16 @@ def capture_rng_states(generators: Optional[Mapping[str, torch.Generator]] = Non
             raise CheckpointError(f"generator {name!r} is a {type(gen).__name__}, not a torch.Generator")
         states["generators"][name] = gen.get_state()
     return states
+
+
+def _cuda_state() -> Optional[dict[str, Any]]:
+    # Only the current device, and only once CUDA is in use: get_rng_state_all() would create a
+    # context (hundreds of MB) on every visible GPU, including the other DDP ranks' GPUs. Before
+    # CUDA is initialised no CUDA draw has happened, so there is nothing to restore.
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    index = torch.cuda.current_device()
+    return {"device": index, "state": torch.cuda.get_rng_state(index)}
 
 
 def restore_rng_states(states: Mapping[str, Any], generators: Optional[Mapping[str, torch.Generator]] = None) -> None:
@@ -169,12 +179,12 @@ def restore_rng_states(states: Mapping[str, Any], generators: Optional[Mapping[s
     torch.set_rng_state(states["torch_cpu"])
     cuda = states.get("torch_cuda")
     if cuda is not None:
-        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-            torch.cuda.set_rng_state_all(list(cuda))
+        index = int(cuda["device"])
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            torch.cuda.set_rng_state(cuda["state"], device=index)
         else:
-            logger.warning("the checkpoint holds CUDA RNG states for %d device(s) but %d are visible now; CUDA "
-                           "draws will differ from the uninterrupted run", len(cuda),
-                           torch.cuda.device_count() if torch.cuda.is_available() else 0)
+            logger.warning("the checkpoint holds the CUDA RNG state of cuda:%d, which is not visible now; CUDA "
+                           "draws will differ from the uninterrupted run", index)
     saved = states.get("generators", {})
     for name, gen in (generators or {}).items():
         if name not in saved:

@@ -46,6 +46,8 @@ class TrainConfig:
     cache: str = ""                     # cache folder; "" = <out>/cache
     vae: str = ""                       # standalone: diffusers Wan VAE folder
     text_encoder: str = ""              # standalone: diffusers-layout UMT5 folder
+    arcface: str = ""                   # ArcFace IR-SE50 .pth/.onnx for the identity photos ("" = the usual folders)
+    detector: str = "auto"              # face detector: auto | mtcnn | insightface:antelopev2 | ...
     token_budget: int = 33_600          # patch tokens per packed sequence (the paper's 33.6k per GPU)
     # -- optimisation -------------------------------------------------------------------------------
     max_steps: int = 1000
@@ -84,7 +86,7 @@ class TrainConfig:
     offload_activations: bool = False   # checkpointed block inputs to pinned host RAM
     attention: str = "auto"             # auto | sdpa | flash (never SageAttention in training)
     distributed: str = "auto"           # auto (DDP when launched by torchrun/accelerate) | ddp | fsdp | none
-    extra: dict[str, Any] = field(default_factory=dict)  # data-side settings handed to the cache builder
+    data: dict[str, Any] = field(default_factory=dict)  # [data] table: cache settings (docs/training.md)
 
     # ----------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

@@ -145,6 +145,12 @@ def apply_lora(
     return params
 
 
+def lora_num_params(adapters: LynxAdapters, rank: int) -> int:
+    """Parameters a rank-``rank`` LoRA would add (``rank * (in + out)`` per projection); works on meta adapters, for planning."""
+    return sum(rank * (getattr(layer, name).in_features + getattr(layer, name).out_features)
+               for _, layer, name in _targets(adapters))
+
+
 def lora_parameters(adapters: LynxAdapters) -> list[nn.Parameter]:
     """The LoRA parameters in the same order ``apply_lora`` returned them."""
     out: list[nn.Parameter] = []

@@ -112,7 +112,7 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
     scale = max(height / h, width / w)
     # Rounding up guarantees coverage; the crop then removes at most a pixel of slack.
     new_h, new_w = max(height, int(np.ceil(h * scale - 1e-6))), max(width, int(np.ceil(w * scale - 1e-6)))
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.array(frames, dtype=np.float32)).permute(0, 3, 1, 2)
     x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     x = x[:, :, top:top + height, left:left + width]

@@ -91,10 +91,26 @@ def load_resampler_init(adapters, path: Path) -> None:
     adapters.resampler.load_state_dict({k: state[k].float() for k in own})
 
 
-def load_source(cfg: TrainConfig, model, device):
-    """The encoded dataset: a cache built (once) from cfg.dataset with the standalone encoders."""
-    from .cache import build_or_open_cache
-    return build_or_open_cache(cfg, model, device)
+SYNTHETIC = "synthetic"  # dataset = "synthetic": the built-in synthetic identity task (tests, demos)
+
+
+def synthetic_source(seed: int):
+    from .synthetic import synthetic_identities
+    samples, heldout, fixed = synthetic_identities(seed=seed)
+    return InMemorySource(samples, heldout, fingerprint=f"synthetic-identities-seed{seed}"), fixed
+
+
+def load_source(cfg: TrainConfig, device, world: World):
+    """(source, fixed embeddings, fingerprints): the built-in synthetic set, or the dataset's cache
+    (built once with the standalone encoders)."""
+    if cfg.dataset == SYNTHETIC:
+        source, fixed = synthetic_source(cfg.seed)
+        return source, fixed, {"dataset": source.fingerprint}
+    if not cfg.dataset:
+        raise TrainingError("dataset is not set: give a dataset folder (see docs/training.md) or "
+                            "dataset = \"synthetic\" for the built-in test task")
+    from .standalone_data import build_or_open_cache
+    return build_or_open_cache(cfg, device, world)
 
 
 @contextmanager
@@ -134,7 +150,7 @@ def run_training(cfg: TrainConfig, *, source=None, fixed=None, models=None, fres
         model, adapters = models if models is not None else load_models(cfg, device)
         model.to(device)
         if source is None:
-            source, fixed, fingerprints = load_source(cfg, model, device)
+            source, fixed, fingerprints = load_source(cfg, device, world)
         else:
             fingerprints = {"dataset": getattr(source, "fingerprint", "in-memory")}
         runner, reference_runner = (runner_factory(model, device) if runner_factory else (None, None))
@@ -161,10 +177,10 @@ def run_training(cfg: TrainConfig, *, source=None, fixed=None, models=None, fres
 
 def tiny_demo(out: Path, steps: int = 150, seed: int = 0) -> RunResult:
     """Train the tiny random model on the built-in synthetic identities (CPU, well under 2 minutes)."""
-    from .synthetic import shuffled_identities, synthetic_identities, tiny_models
-    samples, heldout, fixed = synthetic_identities(seed=seed)
-    source = InMemorySource(samples, heldout, fingerprint=f"synthetic-identities-seed{seed}")
-    cfg = TrainConfig(out=str(out), wan="tiny", mode="full", lr=2e-3, weight_decay=0.0, max_steps=steps,
+    from .synthetic import shuffled_identities, tiny_models
+    source, fixed = synthetic_source(seed)
+    samples, heldout = source.samples, source.heldout
+    cfg = TrainConfig(out=str(out), wan="tiny", dataset=SYNTHETIC, mode="full", lr=2e-3, weight_decay=0.0, max_steps=steps,
                       token_budget=64, eval_every=max(1, steps // 5), save_every=0, seed=seed, device="cpu",
                       warmup_steps=10, log_every=max(1, steps // 10), grad_clip=1.0, distributed="none")
     models = tiny_models(seed)

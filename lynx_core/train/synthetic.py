@@ -1,7 +1,7 @@
 """A built-in synthetic identity task and tiny random models: training you can watch on a CPU.
 
 K identities, each a random unit 'ArcFace' embedding and a random reference latent, each tied to
-its own target pattern. Every identity has several targets (its pattern plus a little variation)
+its own target pattern (a colour per identity over a shared texture). Every identity has several targets (its pattern plus a little variation)
 with the same caption, so only the identity tells the patterns apart: a trained ID/Ref-adapter
 lowers the loss with the right identity and not with a shuffled one.
 """
@@ -32,13 +32,16 @@ def synthetic_identities(k: int = 4, per_identity: int = 4, *, text_dim: int = 3
     """Samples of K identities (the last of each identity held out) and the fixed embeddings."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(6, text_dim, generator=g)
+    texture = 0.3 * torch.randn(16, *grid, generator=g)
     samples: list[TrainSample] = []
     heldout: set[int] = set()
     for ident in range(k):
         emb = torch.randn(512, generator=g)
         emb = emb / emb.norm()
         ref = torch.randn(16, 1, ref_size, ref_size, generator=g)
-        pattern = torch.randn(16, *grid, generator=g)
+        # A per-channel colour for the whole frame: what attention to a few identity tokens can
+        # express everywhere at once (it carries no position), on top of a shared texture.
+        pattern = 1.5 * torch.randn(16, 1, 1, 1, generator=g) + texture
         for j in range(per_identity):
             latent = pattern + variation * torch.randn(16, *grid, generator=g)
             if j == per_identity - 1:

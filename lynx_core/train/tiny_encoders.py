@@ -43,7 +43,7 @@ class TinyVAE:
         return f"tiny-vae(seed={self.seed},c={self.channels},s={self.spatial},t={self.temporal})"
 
     def __call__(self, frames: np.ndarray | Tensor) -> Tensor:
-        x = torch.as_tensor(np.asarray(frames) if not isinstance(frames, Tensor) else frames)
+        x = frames if isinstance(frames, Tensor) else torch.from_numpy(np.array(frames))
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"TinyVAE expects frames [F, H, W, 3], got {tuple(x.shape)}.")
         f, h, w, _ = x.shape

@@ -80,26 +80,29 @@ class DataOrder:
         self.budget = budget
         self.seed = seed
         self._epochs: dict[int, list[list[int]]] = {}
+        self._lengths: dict[int, int] = {}
 
     def epoch(self, e: int) -> list[list[int]]:
         if e not in self._epochs:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
             order = [self.train[i] for i in torch.randperm(len(self.train), generator=g).tolist()]
             packs = plan_packs([self.tokens[i] for i in order], self.budget)
+            for old in [k for k in self._epochs if k != e][:-3]:  # keep a few recent epochs
+                del self._epochs[old]
             self._epochs[e] = [[order[j] for j in pack] for pack in packs]
-            if len(self._epochs) > 4:
-                self._epochs.pop(min(self._epochs))
+            self._lengths[e] = len(packs)
         return self._epochs[e]
+
+    def _length(self, e: int) -> int:
+        return self._lengths[e] if e in self._lengths else len(self.epoch(e))
 
     def pack(self, cursor: int) -> tuple[int, list[int]]:
         """(epoch, sample indices) of global pack number ``cursor``."""
         e = 0
-        while True:
-            packs = self.epoch(e)
-            if cursor < len(packs):
-                return e, packs[cursor]
-            cursor -= len(packs)
+        while cursor >= self._length(e):
+            cursor -= self._length(e)
             e += 1
+        return e, self.epoch(e)[cursor]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes import queue as lq
+from lynx_batch import queue as lq
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
@@ -162,9 +162,9 @@ def test_queue_tool_command_line_lite_polling(comfy_server, tmp_path):
     face = tmp_path / "me.png"
     face.write_bytes((comfy_server.input_dir / comfy_server.models["face_image"]).read_bytes())
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "nodes.queue", "--server", comfy_server.url, "--workflow",
-                           str(wf_path), "--faces", str(face), "--prompt", "a person waves", "--out", str(out),
-                           "--no-websocket", "--poll-interval", "0.5"],
+    proc = subprocess.run([sys.executable, "-m", "lynx_batch", "queue", "--server", comfy_server.url,
+                           "--workflow", str(wf_path), "--faces", str(face), "--prompt", "a person waves",
+                           "--out", str(out), "--no-websocket", "--poll-interval", "0.5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = json.loads((out / "report.json").read_text())
