@@ -128,3 +128,46 @@ def test_empty_dataset_and_small_token_budget_are_clear_errors(tmp_path):
     tr, _ = make(tmp_path, token_budget=8)  # one sample is 16 tokens
     with pytest.raises(ValueError, match="token_budget"):
         tr.fit()
+
+
+def test_exported_adapters_load_and_change_generation(tmp_path):
+    from lynx_core.adapters import load_adapters
+    from lynx_core.lynx import LynxPatch, make_conditioning
+    from lynx_core.pipeline import GenerationSettings, generate
+    from lynx_core.reference import extract_reference_features
+    from lynx_core.train.checkpoint_io import export_run
+
+    tr, samples = make(tmp_path, steps=3, lr=1e-2)
+    _, start = tiny_models(0)
+    tr.fit()
+    path = export_run(tr)
+    trained = load_adapters(path, dtype=torch.float32)
+    model = tr.model
+    s = samples[0]
+    ctx = s.text[None]
+    shape = (1, 16, 1, 8, 8)
+
+    def video(adapters):
+        refs = [extract_reference_features(model, lat[None], tr.fixed.reference_text[None])
+                for lat in (s.ref_latent, tr.fixed.grey_ref_latent)]
+        patch = LynxPatch(adapters, make_conditioning(adapters, s.face_embedding[None], *refs))
+        return generate(model, ctx, tr.fixed.negative_text[None], shape, GenerationSettings(steps=3), patch)
+
+    a, b = video(start.eval()), video(trained.eval())
+    assert torch.isfinite(b).all()
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_checkpoint_of_another_base_model_is_refused(tmp_path):
+    from lynx_core.train.checkpoint import CheckpointError
+    from lynx_core.train.checkpoint_io import resume_if_possible, save_run_checkpoint
+
+    tr, _ = make(tmp_path, steps=2)
+    tr.fit()
+    save_run_checkpoint(tr)
+    other, _ = make(tmp_path, steps=4)
+    with torch.no_grad():
+        other.model.blocks[0].ffn[0].weight.add_(1.0)  # another base model
+    other.base_fingerprint = other.base_fingerprint[:-1] + ("0" if other.base_fingerprint[-1] != "0" else "1")
+    with pytest.raises(CheckpointError, match="base_model"):
+        resume_if_possible(other)
