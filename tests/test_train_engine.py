@@ -171,3 +171,18 @@ def test_checkpoint_of_another_base_model_is_refused(tmp_path):
     other.base_fingerprint = other.base_fingerprint[:-1] + ("0" if other.base_fingerprint[-1] != "0" else "1")
     with pytest.raises(CheckpointError, match="base_model"):
         resume_if_possible(other)
+
+
+@pytest.mark.parametrize("name", ["train_lora_24gb.toml", "train_full_h200.toml"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+    cfg = TrainConfig.load(Path(__file__).resolve().parents[1] / "docs" / "examples" / name)
+    assert cfg.dataset == "datasets/my_people" and cfg.wan.endswith(".safetensors")
+    assert cfg.mode in ("lora", "full")
+
+
+def test_text_is_padded_to_the_context_length_as_at_inference():
+    from lynx_core.train.objective import pad_text
+    t = torch.randn(5, 8)
+    p = pad_text(t, 12)
+    assert p.shape == (12, 8) and torch.equal(p[:5], t) and not p[5:].any()

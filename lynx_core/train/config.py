@@ -158,10 +158,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        # TOML users group options in tables ([model], [train], ...): flatten one level.
+        # TOML users group options in tables ([model], [train], ...): flatten one level. Only
+        # [data] is a real table (the cache settings).
         flat: dict[str, Any] = {}
         for key, value in data.items():
-            if isinstance(value, dict) and key not in known:
+            if isinstance(value, dict) and key != "data":
                 flat.update(value)
             else:
                 flat[key] = value

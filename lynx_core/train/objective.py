@@ -20,6 +20,13 @@ from .runner import plain_runner
 from .types import FixedEmbeddings, TrainSample
 
 
+def pad_text(text: Tensor, length: int) -> Tensor:
+    """Zero-pad a trimmed text embedding to Wan's context length, as inference feeds it."""
+    if length <= text.shape[0]:
+        return text
+    return torch.cat([text, text.new_zeros(length - text.shape[0], text.shape[1])])
+
+
 @dataclass
 class DrawnSample:
     """A sample with this step's random draws applied."""
@@ -90,8 +97,10 @@ class LynxObjective(nn.Module):
     def predict(self, drawn: list[DrawnSample], device) -> list[Tensor]:
         id_tokens, refs = self._identity_inputs(drawn, device)
         neg = self.fixed.negative_text
+        length = getattr(self.model.config, "text_len", 0)
         noisy = [NoisySample(x=d.noised.x_t.to(device), timestep=d.noised.timestep.to(device),
-                             text=(neg if d.condition in (NO_TEXT, NO_BOTH) else d.sample.text).to(device))
+                             text=pad_text(neg if d.condition in (NO_TEXT, NO_BOTH) else d.sample.text,
+                                           length).to(device), key=d.sample.key)
                  for d in drawn]
         forward = packed_forward if self.packed else looped_forward
         return forward(self.model, noisy, self._kv_for_block(id_tokens, refs, len(drawn)), self.runner,
