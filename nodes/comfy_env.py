@@ -81,22 +81,6 @@ def models_root_dirs() -> list[Path]:
     return roots
 
 
-def lynx_entries() -> list[str]:
-    """Choices for LoadLynxAdapters: official variant folders (holding resampler.safetensors)
-    and single .safetensors files, relative to each registered lynx folder."""
-    found: set[str] = set()
-    for root in model_dirs("lynx"):
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            rel = Path(dirpath).relative_to(root)
-            if "resampler.safetensors" in filenames and rel != Path("."):
-                found.add(rel.as_posix())
-            for f in filenames:
-                if f.endswith(".safetensors"):
-                    found.add((rel / f).as_posix())
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    return sorted(found)
-
-
 def resolve_lynx(entry: str, input_name: str) -> Path:
     """Full path of a lynx folder entry; the error names the input and where to put files."""
     for root in model_dirs("lynx"):

@@ -114,7 +114,7 @@ def _assert_same(packed, looped, adapters, expect_ref=True):
 
 
 @pytest.mark.parametrize("variant,with_ref,kernel", [
-    ("full", True, "auto"), ("full", True, "mask"), ("full", True, "nested"),
+    ("full", True, "auto"), ("full", True, "mask"), ("full", True, "nested"), ("full", True, "sdpa"),
     ("lite", False, "auto"), ("lite", True, "mask"),
 ])
 def test_packed_equals_looped(variant, with_ref, kernel):

@@ -13,6 +13,7 @@ in training: it is reported to produce broken adapters):
   memory-efficient kernels; on the CPU it falls back to a slow math path).
 * ``flash``: ``flash_attn_varlen_func`` (flash-attn 2 or 3) on CUDA, fp16/bf16 (fp32 is cast to
   bf16 and back, as the inference flash backend does).
+* ``sdpa``: the same as ``loop``.
 * ``auto``: ``flash`` for fp16/bf16 CUDA tensors when flash-attn is importable, ``loop`` otherwise
   (an fp32 run is never silently downcast).
 """
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 
 from ..attention import AttentionFn, attention_flash, attention_sdpa
 
-KERNELS = ("auto", "loop", "mask", "nested", "flash")
+KERNELS = ("auto", "loop", "mask", "nested", "flash", "sdpa")
+_ALIASES = {"sdpa": "loop"}  # the training config's name for "plain SDPA": per segment, exact
 
 
 def check_kernel(name: str) -> str:
@@ -37,7 +39,7 @@ def check_kernel(name: str) -> str:
                          f"to produce broken adapters); use one of {', '.join(KERNELS)}")
     if key not in KERNELS:
         raise ValueError(f"unknown training attention {name!r}; use one of {', '.join(KERNELS)}")
-    return key
+    return _ALIASES.get(key, key)
 
 
 @functools.lru_cache(maxsize=None)
