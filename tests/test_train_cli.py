@@ -93,3 +93,33 @@ def test_tiny_demo_trains_and_writes_official_adapters(tmp_path):
     adapters = load_adapters(folders[0])
     assert adapters.variant == "full"
     assert list((tmp_path / "demo").glob("loss_step_*.png"))
+
+
+def test_a_dataset_folder_trains_from_the_command_line(tmp_path):
+    """Folder -> cache (MTCNN, random ArcFace, tiny encoders) -> training -> official adapters."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest_face import astronaut, random_arcface_pth
+
+    data = tmp_path / "people"
+    (data / "astro" / "id").mkdir(parents=True)
+    face = astronaut()
+    Image.fromarray(face).save(data / "astro" / "id" / "portrait.png")
+    for name, img in (("mirror", face[:, ::-1]), ("crop", face[20:, 10:])):
+        Image.fromarray(np.ascontiguousarray(img)).save(data / "astro" / f"{name}.png")
+        (data / "astro" / f"{name}.txt").write_text(f"an astronaut, {name}")
+    cfg = write_config(tmp_path / "c.json", out=str(tmp_path / "run"), dataset=str(data), vae="tiny",
+                       text_encoder="tiny", detector="mtcnn", arcface=str(random_arcface_pth()),
+                       max_steps=3, token_budget=512, heldout=0.0, eval_every=0,
+                       data={"pixel_area": 128 * 128, "verify_threshold": None})
+    r = run_cli("train", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "cache").is_dir()
+    assert load_adapters(tmp_path / "run" / "adapters" / "step_000003").variant == "full"
+    # An empty dataset folder is refused with its name.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("train", str(write_config(tmp_path / "d.json", out=str(tmp_path / "run2"), dataset=str(empty),
+                                          vae="tiny", text_encoder="tiny", max_steps=3)))
+    assert r.returncode == 2 and "error:" in r.stderr and str(empty) in r.stderr
