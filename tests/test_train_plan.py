@@ -72,6 +72,7 @@ def test_auto_picks_the_smallest_swap_count_that_fits(wan14b):
     k = plan.blocks_to_swap
     assert 0 < k < 40
     assert plan_training(model, adapters, blocks_to_swap=k, **kw).peak_bytes == plan.peak_bytes
+    assert plan_training(model, adapters, blocks_to_swap=-1, **kw).swapped == plan.swapped  # config's "auto"
     with pytest.raises(TrainPlanError, match="blocks_to_swap='auto'"):
         plan_training(model, adapters, blocks_to_swap=k - 1, **kw)
 

@@ -276,7 +276,8 @@ def plan_training(model: nn.Module, adapters: nn.Module, *, tokens: int, mode: s
 
     ``tokens``: transformer tokens per step (the packing token budget), ``samples``: samples packed
     in them (each has its own reference pass, text and adapter keys/values). ``blocks_to_swap``:
-    a count or ``"auto"`` (the smallest count that fits). ``mode="auto"`` trains everything when it
+    a count or ``"auto"`` (the smallest count that fits; -1 means the same, as in the config).
+    ``mode="auto"`` trains everything when it
     fits and falls back to ``lora`` otherwise. Budgets: ``device_free_bytes`` (default: measured on
     CUDA, else ``device_total_bytes``) minus ``reserve_bytes``; ``host_ram_bytes`` (None: not
     checked) minus nothing, with ``host_reserve_bytes`` counted for the process itself.
@@ -308,6 +309,8 @@ def plan_training(model: nn.Module, adapters: nn.Module, *, tokens: int, mode: s
         raise TrainPlanError(f"token_budget must be a positive number of tokens (got {tokens!r})")
     shape = model_shape(model, compute_dtype)
     n = shape.num_blocks
+    if blocks_to_swap == -1:  # the training config's spelling of "auto"
+        blocks_to_swap = "auto"
     if not (blocks_to_swap == "auto" or (isinstance(blocks_to_swap, int) and not isinstance(blocks_to_swap, bool)
                                          and 0 <= blocks_to_swap <= n)):
         raise TrainPlanError(f"blocks_to_swap={blocks_to_swap!r}: use a count from 0 to {n} or 'auto'")

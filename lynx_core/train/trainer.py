@@ -77,6 +77,7 @@ class DataOrder:
         if not self.train:
             raise TrainingError("every sample is held out for evaluation; lower `heldout` or add data")
         self.tokens = [source.entries[i].tokens for i in range(len(source.entries))]
+        self.keys = [source.entries[i].key for i in range(len(source.entries))]
         self.budget = budget
         self.seed = seed
         self._epochs: dict[int, list[list[int]]] = {}
@@ -86,7 +87,7 @@ class DataOrder:
         if e not in self._epochs:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
             order = [self.train[i] for i in torch.randperm(len(self.train), generator=g).tolist()]
-            packs = plan_packs([self.tokens[i] for i in order], self.budget)
+            packs = plan_packs([self.tokens[i] for i in order], self.budget, keys=[self.keys[i] for i in order])
             for old in [k for k in self._epochs if k != e][:-3]:  # keep a few recent epochs
                 del self._epochs[old]
             self._epochs[e] = [[order[j] for j in pack] for pack in packs]
