@@ -10,6 +10,7 @@ from .face import LynxEncodeFaceID, LynxFaceSimilarity
 from .loaders import LoadLynxAdapters
 from .reference import LynxEncodeReference
 from .sampling import LynxGuider, LynxSampler
+from .training import LynxSaveAdapters, LynxTrainAdapters, LynxTrainingDataset
 from .video import LynxVideoCombine
 
 NODE_CLASS_MAPPINGS = {
@@ -20,6 +21,9 @@ NODE_CLASS_MAPPINGS = {
     "LynxGuider": LynxGuider,
     "LynxVideoCombine": LynxVideoCombine,
     "LynxFaceSimilarity": LynxFaceSimilarity,
+    "LynxTrainingDataset": LynxTrainingDataset,
+    "LynxTrainAdapters": LynxTrainAdapters,
+    "LynxSaveAdapters": LynxSaveAdapters,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,6 +34,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LynxGuider": "Lynx Guider",
     "LynxVideoCombine": "Lynx Video Combine",
     "LynxFaceSimilarity": "Lynx Face Similarity",
+    "LynxTrainingDataset": "Lynx Training Dataset",
+    "LynxTrainAdapters": "Lynx Train Adapters",
+    "LynxSaveAdapters": "Lynx Save Adapters",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folders"]

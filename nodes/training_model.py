@@ -131,7 +131,8 @@ def engine_model(model_patcher, dtype: Optional[torch.dtype] = None,
     refuse_unsupported(model_patcher)
     state = base_state(model_patcher, dtype, calculate_weight)
     dm = model_patcher.model.diffusion_model
-    heads = getattr(dm, "num_heads", None)
+    # ComfyUI's WanModel keeps num_heads; head_dim 128 (every Wan2.1 size) is the fallback.
+    heads = getattr(dm, "num_heads", None) or getattr(dm.blocks[0].self_attn, "num_heads", None)
     cfg = infer_config(state, num_heads=int(heads) if heads else None)
     with torch.device("meta"):
         model = WanModel(cfg)

@@ -83,23 +83,48 @@ def trainable_copy(adapters: Optional[LynxAdapters], variant: str, dim: int, num
     return out.requires_grad_(False)
 
 
-def _device_runner(model, device: torch.device, settings: RunSettings, adapters, mode_hint: str):
-    """(block runner or None, closer): checkpointing on a GPU, block swap when asked or needed."""
+# The GPU plans tried in order when blocks_to_swap = -1: plain block swap, then the 24 GB knobs
+# (checkpointed block inputs in pinned host RAM, fp8 host copies of the swapped blocks).
+AUTO_PLANS = ({"fp8_base": False, "offload_activations": False},
+              {"fp8_base": False, "offload_activations": True},
+              {"fp8_base": True, "offload_activations": True})
+
+
+def choose_plan(model, adapters, settings: RunSettings, device: torch.device, **budgets):
+    """The first memory plan (lynx_core.train.memory_plan) that fits; raises the last refusal."""
+    from lynx_core.train.memory_plan import TrainPlanError, plan_training
+    count = "auto" if settings.blocks_to_swap < 0 else settings.blocks_to_swap
+    error: Exception | None = None
+    for knobs in AUTO_PLANS if settings.blocks_to_swap < 0 else AUTO_PLANS[:1]:
+        try:
+            plan = plan_training(model, adapters, tokens=settings.token_budget, mode=settings.mode,
+                                 blocks_to_swap=count, lora_rank=settings.lora_rank, device=device,
+                                 **knobs, **budgets)
+        except TrainPlanError as exc:
+            error = exc
+            continue
+        log.info("%s", plan.describe())
+        return plan
+    raise error  # type: ignore[misc]
+
+
+def _device_runner(model, device: torch.device, settings: RunSettings, adapters):
+    """(block runner or None, closer, mode): on a GPU, checkpointing and the block swap of the plan."""
     if device.type != "cuda":
         model.to(device)
-        return None, lambda: None
+        return None, (lambda: None), settings.mode
     from lynx_core.train.runner import CheckpointRunner
-    if settings.blocks_to_swap == 0:
-        model.to(device)
-        return CheckpointRunner(), lambda: None
     from lynx_core.train.swap import SwapRunner
+    plan = choose_plan(model, adapters, settings, device)
+    if plan.blocks_to_swap == 0 and not plan.offload_activations:
+        model.to(device)
+        return CheckpointRunner(), (lambda: None), plan.mode
     for name, child in model.named_children():
         if name != "blocks":
             child.to(device)
-    count = "auto" if settings.blocks_to_swap < 0 else settings.blocks_to_swap
-    runner = SwapRunner.attach(list(model.blocks), count, device, tokens=settings.token_budget)
+    runner = SwapRunner.attach(list(model.blocks), device=device, **plan.swap_options)
     log.info("training block swap: %d of %d blocks streamed", len(runner.swapped), len(model.blocks))
-    return runner, runner.close
+    return runner, runner.close, plan.mode
 
 
 def _export_once(trainer) -> Path:
@@ -126,14 +151,14 @@ def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapt
         cfg_dim, cfg_blocks = model.config.dim, model.config.num_layers
         start = trainable_copy(adapters, settings.variant, cfg_dim, cfg_blocks, settings.seed)
         run_dir = settings.run_dir if settings.resume == "auto" else fresh_run_dir(settings.run_dir)
-        cfg = TrainConfig(out=str(run_dir), wan=settings.base_name, adapters="from-graph" if adapters else "",
-                          variant=start.variant, mode=settings.mode, lora_rank=settings.lora_rank,
-                          max_steps=settings.steps, lr=settings.learning_rate, token_budget=settings.token_budget,
-                          save_every=settings.save_every, seed=settings.seed, eval_every=settings.eval_every,
-                          blocks_to_swap=settings.blocks_to_swap, device=str(device), distributed="none",
-                          heldout=0.0)
-        runner, close = _device_runner(model, device, settings, start, settings.mode)
+        runner, close, mode = _device_runner(model, device, settings, start)
         try:
+            cfg = TrainConfig(out=str(run_dir), wan=settings.base_name, adapters="from-graph" if adapters else "",
+                              variant=start.variant, mode=mode, lora_rank=settings.lora_rank,
+                              max_steps=settings.steps, lr=settings.learning_rate, token_budget=settings.token_budget,
+                              save_every=settings.save_every, seed=settings.seed, eval_every=settings.eval_every,
+                              blocks_to_swap=settings.blocks_to_swap, device=str(device), distributed="none",
+                              heldout=0.0)
             total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
             trainer = Trainer(cfg, model, start, source, fixed, device=device, runner=runner,
                               fingerprints={"dataset": getattr(source, "fingerprint", "in-memory")},

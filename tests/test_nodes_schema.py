@@ -32,6 +32,14 @@ SPEC = {
     "LynxVideoCombine": ("Lynx Video Combine", ["images", "frame_rate", "format", "filename_prefix", "crf",
                                                 "save_metadata"], ["audio"], ["STRING"]),
     "LynxFaceSimilarity": ("Lynx Face Similarity", ["images", "face", "detector"], [], ["FLOAT", "STRING", "IMAGE"]),
+    "LynxTrainingDataset": ("Lynx Training Dataset",
+                            ["dataset", "vae", "clip", "detector", "max_pixels", "max_frames", "frame_stride",
+                             "verify_threshold"], ["heldout"], ["LYNX_DATASET", "STRING", "IMAGE"]),
+    "LynxTrainAdapters": ("Lynx Train Adapters",
+                          ["model", "dataset", "mode", "steps", "learning_rate", "lora_rank", "token_budget",
+                           "blocks_to_swap", "save_every", "run_name", "resume", "seed"], ["adapters", "variant"],
+                          ["LYNX_ADAPTERS", "STRING", "IMAGE", "LOSS_MAP"]),
+    "LynxSaveAdapters": ("Lynx Save Adapters", ["adapters", "name", "dtype"], [], ["STRING"]),
 }
 DEFAULTS = {
     ("LynxSampler", "seed"): 42, ("LynxSampler", "steps"): 50, ("LynxSampler", "cfg"): 5.0,
@@ -115,7 +123,7 @@ def test_node_schema(name):
     assert list(cls.RETURN_TYPES) == returns
     assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
     assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES)
-    assert cls.CATEGORY.startswith("Lynx/") and cls.CATEGORY.split("/")[1] in {"loaders", "face", "sampling", "video"}
+    assert cls.CATEGORY.startswith("Lynx/") and cls.CATEGORY.split("/")[1] in {"loaders", "face", "sampling", "video", "training"}
     assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION
     fn = getattr(cls, cls.FUNCTION)
     params = inspect.signature(fn).parameters

@@ -99,7 +99,7 @@ def test_templates_are_served_to_the_template_browser(comfy_server):
     listing = comfy_server.request("/api/workflow_templates")
     names = sorted(listing.get(PACK, []))
     assert names == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    assert "lynx_full_t2v" in names and not any(n.endswith("_api") for n in names)
+    assert "Lynx Full (ID and Ref adapters), photo to video" in names and not any(n.endswith("_api") for n in names)
     for n in names:
         served = json.loads(comfy_server.get_bytes(f"/api/workflow_templates/{PACK}/{urllib.parse.quote(n)}.json"))
         assert served == json.loads((WORKFLOWS / f"{n}.json").read_text())

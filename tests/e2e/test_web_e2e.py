@@ -179,12 +179,17 @@ def _graph_state(page) -> list[dict]:
     }}))""")
 
 
-@pytest.mark.parametrize("name", ["lynx_full_t2v", "lynx_lite_t2v"])
+# UI template (its file name is the card's title) -> its API twin
+TEMPLATES = {"Lynx Full (ID and Ref adapters), photo to video": "lynx_full_t2v_api.json",
+             "Lynx Lite (ID adapter only), photo to video": "lynx_lite_t2v_api.json"}
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
 def test_template_loads_with_our_nodes_and_widgets(page, comfy_server, tmp_path, name):
     info = comfy_server.object_info()
     # load it the way the template browser does: fetch the served file, then loadGraphData
     page.eval(f"""(async () => {{
-        const r = await fetch('api/workflow_templates/{PACK}/{name}.json');
+        const r = await fetch('api/workflow_templates/{PACK}/' + encodeURIComponent('{name}') + '.json');
         await {APP}.loadGraphData(await r.json(), true, true, '{name}');
     }})()""")
     time.sleep(1.0)
@@ -199,13 +204,13 @@ def test_template_loads_with_our_nodes_and_widgets(page, comfy_server, tmp_path,
         if node["type"] in OUR_TYPES:
             assert s["widgets"] == _expected_widgets(info, node["type"]), node["type"]
         assert s["values"] == node["widgets_values"], f"node {node['id']} ({node['type']}) widget values"
-    assert {n["type"] for n in saved["nodes"]} >= set(OUR_TYPES) - ({"LynxEncodeReference"} if "lite" in name else set())
+    assert {n["type"] for n in saved["nodes"]} >= set(OUR_TYPES) - ({"LynxEncodeReference"} if "Lite" in name else set())
     # the front-end turns the template into the same API prompt as our API file
     prompt = page.eval(f"{APP}.graphToPrompt().then(p => p.output)")
-    api = json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / TEMPLATES[name]).read_text())
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == \
         {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
-    shot = page.screenshot(tmp_path / f"{name}_loaded.png")
+    shot = page.screenshot(tmp_path / f"{TEMPLATES[name][:-9]}_loaded.png")
     assert shot.stat().st_size > 10_000
 
 
@@ -220,12 +225,12 @@ def test_template_browser_lists_our_graphs(page, tmp_path):
         item && item.click();
     }})()""")
     names = page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText)"
-                      ".find(t => t.includes('lynx_full_t2v')); return d || null; })()", 30, "our templates listed")
-    assert "lynx_lite_t2v" in names and "t2v_api" not in names
+                      ".find(t => t.includes('Lynx Full')); return d || null; })()", 30, "our templates listed")
+    assert "Lynx Lite" in names and "t2v_api" not in names
     # each of our cards shows its thumbnail (a broken image has naturalWidth 0)
     page.wait("""Array.from(document.querySelectorAll('.p-dialog img')).filter(img => {
         for (let e = img.parentElement, k = 0; e && k < 8; e = e.parentElement, k++) {
-            if (e.querySelectorAll('img').length === 1 && /lynx_(full|lite)_t2v/.test(e.innerText))
+            if (e.querySelectorAll('img').length === 1 && /Lynx (Full|Lite)/.test(e.innerText))
                 return img.complete && img.naturalWidth > 0;
         }
         return false;
@@ -236,7 +241,7 @@ def test_template_browser_lists_our_graphs(page, tmp_path):
 
 
 def _tiny_ui(models: dict) -> dict:
-    g = copy.deepcopy(json.loads((WORKFLOWS / "lynx_full_t2v.json").read_text()))
+    g = copy.deepcopy(json.loads((WORKFLOWS / "Lynx Full (ID and Ref adapters), photo to video.json").read_text()))
     for n in g["nodes"]:
         t, v = n["type"], n.get("widgets_values")
         if t == "UNETLoader":
