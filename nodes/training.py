@@ -168,11 +168,14 @@ class _StepReporter:
         self._text(text)
 
     def _text(self, text: str) -> None:
+        log.debug("Lynx Train Adapters: %s", text)
+        if self.node_id is None:
+            return
         try:
             from server import PromptServer
             PromptServer.instance.send_progress_text(text, self.node_id)
-        except Exception:  # older ComfyUI, or none: the log has it
-            log.debug("Lynx Train Adapters: %s", text)
+        except Exception:  # older ComfyUI without progress text, or no server: the log has it
+            pass
 
 
 def plot_image(history: list[dict], eval_history: list[dict], path: Path | None) -> torch.Tensor:

@@ -130,6 +130,8 @@ API_FILES = [p for p in _all_json() if p not in UI_FILES]
 TEMPLATES = {
     "Lynx Full (ID and Ref adapters), photo to video.json": "lynx_full_t2v_api.json",
     "Lynx Lite (ID adapter only), photo to video.json": "lynx_lite_t2v_api.json",
+    "Lynx Train the adapters on a dataset.json": "lynx_train_api.json",
+    "Lynx Train then generate, photo to video.json": "lynx_train_then_t2v_api.json",
 }
 ARCFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"
 LYNX_HF = "https://huggingface.co/ByteDance/lynx/resolve/main/"
@@ -249,7 +251,7 @@ def test_ui_graph_is_consistent(path, schemas):
             if n["type"] == "LoadLynxAdapters":
                 assert m["name"].startswith(values[0] + "/") and m["directory"] == "lynx", where
                 assert m["url"] == LYNX_HF + m["name"], f"{where}: {m['url']}"
-            elif n["type"] == "LynxEncodeFaceID":
+            elif n["type"] in ("LynxEncodeFaceID", "LynxTrainingDataset"):
                 assert (m["name"], m["url"], m["directory"]) == (
                     "recognition_arcface_ir_se50.pth", ARCFACE_URL, "facexlib"), where
             else:
@@ -350,8 +352,8 @@ def test_missing_models_dialog_lists_the_lynx_files(path):
     g = _load(path)
     variant = next(n["widgets_values"][0] for n in g["nodes"] if n["type"] == "LoadLynxAdapters")
     files = ["resampler.safetensors", "ip_layers.safetensors"] + (["ref_layers.safetensors"] if variant == "lynx_full" else [])
-    declared = [m for n in g["nodes"] if n["type"] in ("LoadLynxAdapters", "LynxEncodeFaceID")
-                for m in n["properties"]["models"]]
+    declared = [m for n in g["nodes"] if n["type"] in ("LoadLynxAdapters", "LynxEncodeFaceID", "LynxTrainingDataset")
+                for m in n["properties"].get("models", [])]
     assert sorted(m["name"] for m in declared) == sorted([f"{variant}/{f}" for f in files]
                                                          + ["recognition_arcface_ir_se50.pth"])
     assert g["models"] == declared
@@ -369,7 +371,7 @@ def test_default_face_photo_ships_and_is_copied_once(tmp_path, monkeypatch):
     from lynx_core.assets import EXAMPLE_FACE
     from nodes.example_photo import copy_example_photo, install_example_photo
 
-    for ui in UI_FILES:
+    for ui in [p for p in UI_FILES if any(n["type"] == "LoadImage" for n in _load(p)["nodes"])]:  # not training-only
         (load,) = [n for n in _load(ui)["nodes"] if n["type"] == "LoadImage"]
         assert load["widgets_values"][0] == EXAMPLE_FACE.name
         assert _load(_api_pair(ui))[str(load["id"])]["inputs"]["image"] == EXAMPLE_FACE.name

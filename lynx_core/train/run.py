@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +18,7 @@ import torch
 
 from .config import TrainConfig
 from .distributed import World, barrier, close_world, init_world
+from .memory_setup import setup_memory
 from .trainer import InMemorySource, Trainer, TrainingError
 
 log = logging.getLogger(__name__)
@@ -138,25 +139,26 @@ def stop_on_sigint() -> Iterator[list[bool]]:
             pass
 
 
-def run_training(cfg: TrainConfig, *, source=None, fixed=None, models=None, fresh: bool = False,
-                 runner_factory=None) -> RunResult:
+def run_training(cfg: TrainConfig, *, source=None, fixed=None, models=None, fresh: bool = False) -> RunResult:
     """Train as configured; resumes from the newest checkpoint in ``cfg.out`` unless ``fresh``."""
     from .checkpoint_io import export_run, resume_if_possible, save_run_checkpoint, write_plot
+    stack = ExitStack()
     world = init_world(torch.device("cuda" if cfg.device.startswith("cuda") or
                                     (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"),
                        cfg.distributed)
     try:
         device = resolve_device(cfg.device, world)
         model, adapters = models if models is not None else load_models(cfg, device)
-        model.to(device)
         if source is None:
             source, fixed, fingerprints = load_source(cfg, device, world)
         else:
             fingerprints = {"dataset": getattr(source, "fingerprint", "in-memory")}
-        runner, reference_runner = (runner_factory(model, device) if runner_factory else (None, None))
+        memory = setup_memory(cfg, model, adapters, device, cfg.mode)
+        stack.callback(memory.close)
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        trainer = Trainer(cfg, model, adapters, source, fixed, device=device, world=world, runner=runner,
-                          reference_runner=reference_runner, fingerprints=fingerprints, device_bytes=total)
+        trainer = Trainer(cfg, model, adapters, source, fixed, device=device, world=world, runner=memory.runner,
+                          reference_runner=memory.reference_runner, fingerprints=fingerprints, device_bytes=total,
+                          mode=memory.mode)
         resume_if_possible(trainer, fresh=fresh)
         stopped = False
         with stop_on_sigint() as flag:
@@ -172,6 +174,7 @@ def run_training(cfg: TrainConfig, *, source=None, fixed=None, models=None, fres
         barrier(world)
         return RunResult(trainer, path, plot, stopped)
     finally:
+        stack.close()
         close_world(world)
 
 

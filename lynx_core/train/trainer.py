@@ -138,7 +138,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, adapters: nn.Module, source: SampleSource,
                  fixed: FixedEmbeddings, *, device: torch.device, world: World | None = None,
                  runner=None, reference_runner=None, fingerprints: dict | None = None,
-                 device_bytes: int | None = None, packed: bool = True,
+                 device_bytes: int | None = None, packed: bool = True, mode: str | None = None,
                  on_log: Callable[[dict], None] | None = None):
         from .runner import plain_runner
         self.cfg = cfg
@@ -156,7 +156,7 @@ class Trainer:
 
         model.requires_grad_(False)
         self.base_fingerprint = _state_fingerprint(model)
-        choice = resolve_mode(cfg.mode, adapters, device_bytes, cfg.optimizer)
+        choice = resolve_mode(mode or cfg.mode, adapters, device_bytes, cfg.optimizer)
         self.mode = choice.mode
         log.info("training mode %s (%s)", self.mode, choice.reason)
         # Frozen adapter weights (the projections under a LoRA, the untrained part of id_only /
