@@ -63,14 +63,15 @@ def test_resume_refuses_another_config(tmp_path):
     assert "mode" in r.stderr and "--out" in r.stderr
 
 
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("distributed,port", [("ddp", "29517"), ("fsdp", "29518")])
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, distributed, port):
     one, two = tmp_path / "one", tmp_path / "two"
     r = run_cli("train", str(write_config(tmp_path / "one.json", out=str(one), max_steps=6, grad_accum=2,
                                           save_every=0, eval_every=0)))
     assert r.returncode == 0, r.stderr
-    r = run_cli("--nproc_per_node", "2", "--master_port", "29517", "-m", "lynx_core", "train",
+    r = run_cli("--nproc_per_node", "2", "--master_port", port, "-m", "lynx_core", "train",
                 str(write_config(tmp_path / "two.json", out=str(two), max_steps=6, grad_accum=1,
-                                 save_every=0, eval_every=0)),
+                                 save_every=0, eval_every=0, distributed=distributed)),
                 module=("-m", "torch.distributed.run"))
     assert r.returncode == 0, r.stderr[-3000:]
     wa = load_file(str(last_checkpoint(one) / "model.safetensors"))
@@ -80,6 +81,11 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     h1 = json.loads((last_checkpoint(one) / "state.json").read_text())["loss_history"]
     h2 = json.loads((last_checkpoint(two) / "state.json").read_text())["loss_history"]
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], rel=1e-6)
+    # The exported adapters are whole (FSDP shards gathered) and equal the checkpoint's weights.
+    exported = load_adapters(next((two / "adapters").iterdir()), dtype=torch.float32).state_dict()
+    assert set(wb) <= set(exported)
+    for k in wb:
+        assert torch.allclose(exported[k], wb[k].to(torch.bfloat16).float()), k
 
 
 def test_tiny_demo_trains_and_writes_official_adapters(tmp_path):
@@ -123,3 +129,24 @@ def test_a_dataset_folder_trains_from_the_command_line(tmp_path):
     r = run_cli("train", str(write_config(tmp_path / "d.json", out=str(tmp_path / "run2"), dataset=str(empty),
                                           vae="tiny", text_encoder="tiny", max_steps=3)))
     assert r.returncode == 2 and "error:" in r.stderr and str(empty) in r.stderr
+
+
+def test_fsdp_resume_equals_straight_fsdp_training(tmp_path):
+    """Sharded weights and AdamW moments are gathered into the checkpoint and sharded again on resume."""
+    def torchrun(port, *args):
+        r = run_cli("--nproc_per_node", "2", "--master_port", port, "-m", "lynx_core", "train", *args,
+                    module=("-m", "torch.distributed.run"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    straight = write_config(tmp_path / "a.json", out=str(tmp_path / "a"), max_steps=6, distributed="fsdp",
+                            save_every=0, eval_every=0)
+    split = write_config(tmp_path / "b.json", out=str(tmp_path / "b"), max_steps=6, distributed="fsdp",
+                         save_every=0, eval_every=0)
+    torchrun("29531", str(straight))
+    torchrun("29532", str(split), "--max-steps", "3")
+    assert "resumed from" in torchrun("29533", str(split)).stderr
+    wa = load_file(str(last_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(last_checkpoint(tmp_path / "b") / "model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

@@ -22,6 +22,27 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
+def _gathered_optimizer_state(optimizer) -> dict:
+    """The optimizer state with FSDP's sharded moments gathered whole (every rank must call)."""
+    state = optimizer.state_dict()
+    state["state"] = {k: {n: _full(v) if isinstance(v, torch.Tensor) else v for n, v in entry.items()}
+                      for k, entry in state["state"].items()}
+    return state
+
+
+def _shard_optimizer_state(optimizer) -> None:
+    """After loading whole moments: give each sharded parameter's state its own shard back."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "device_mesh"):
+                continue
+            from torch.distributed.tensor import distribute_tensor
+            entry = optimizer.state.get(p, {})
+            for name, value in list(entry.items()):
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and not hasattr(value, "device_mesh"):
+                    entry[name] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+
+
 def run_fingerprints(trainer) -> dict:
     return {**trainer.fingerprints, "base_model": trainer.base_fingerprint, "mode": trainer.mode,
             "world_size": trainer.world.size}
@@ -30,10 +51,11 @@ def run_fingerprints(trainer) -> dict:
 def save_run_checkpoint(trainer) -> Path | None:
     """Checkpoint the run (rank 0 writes; every rank takes part in gathering sharded weights)."""
     trainable = {name: _full(p) for name, p in trainer.trained}
+    optimizer_state = _gathered_optimizer_state(trainer.optimizer)
     if not trainer.world.is_main:
         return None
     keep = trainer.cfg.keep_checkpoints or None
-    path = save_checkpoint(trainer.cfg.out_dir, trainer.step, trainable, trainer.optimizer.state_dict(),
+    path = save_checkpoint(trainer.cfg.out_dir, trainer.step, trainable, optimizer_state,
                            rng_states=capture_rng_states(), data_cursor={"cursor": trainer.cursor},
                            config=trainer.cfg.to_dict(), fingerprints=run_fingerprints(trainer),
                            loss_history=trainer.history, keep_last=keep,
@@ -67,6 +89,7 @@ def resume_if_possible(trainer, fresh: bool = False) -> Path | None:
                 src = distribute_tensor(src.to(p.device), p.device_mesh, p.placements)
             p.copy_(src.to(device=p.device, dtype=p.dtype))
     trainer.optimizer.load_state_dict(state.optimizer_state)
+    _shard_optimizer_state(trainer.optimizer)
     restore_rng_states(state.rng_states)
     trainer.step = state.step
     trainer.cursor = int(state.data_cursor["cursor"])
@@ -85,11 +108,32 @@ def export_metadata(trainer) -> dict[str, str]:
             "trainer": "ComfyUI-Lynx lynx_core.train"}
 
 
-def export_run(trainer, out: Path | None = None) -> Path:
-    """The trained adapters (LoRA merged) in the official layout under <out>/adapters/."""
+def whole_adapters(trainer):
+    """The trained adapters as plain tensors on the CPU: FSDP shards gathered (every rank calls)."""
+    adapters = trainer.adapters
+    if not any(hasattr(p, "device_mesh") for p in adapters.parameters()):
+        return adapters
+    import copy
+    state = {k: _full(v) for k, v in adapters.state_dict().items()}
+    from ..adapters import LynxAdapters
+    plain = LynxAdapters(adapters.config)
+    from .lora import apply_lora, lora_modules
+    mods = lora_modules(adapters)
+    if mods:
+        first = next(iter(mods.values()))
+        apply_lora(plain, rank=first.rank, alpha=first.alpha)
+    plain.load_state_dict(state)
+    return plain
+
+
+def export_run(trainer, out: Path | None = None) -> Path | None:
+    """The trained adapters (LoRA merged) in the official layout under <out>/adapters/ (rank 0)."""
     from .export import export_adapters
     from .lora import merge_lora
-    merged = merge_lora(trainer.adapters)
+    whole = whole_adapters(trainer)
+    if not trainer.world.is_main:
+        return None
+    merged = merge_lora(whole)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[trainer.cfg.export_dtype]
     target = out or trainer.cfg.out_dir / "adapters" / f"step_{trainer.step:06d}"
     return export_adapters(merged, target, dtype=dtype, metadata=export_metadata(trainer))

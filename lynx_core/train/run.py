@@ -167,10 +167,8 @@ def run_training(cfg: TrainConfig, *, source=None, fixed=None, models=None, fres
         if not stopped:
             save_run_checkpoint(trainer)
         trainer.check_base_unchanged()
-        path = plot = None
-        if world.is_main:
-            path = export_run(trainer)
-            plot = write_plot(trainer)
+        path = export_run(trainer)  # every rank: FSDP gathers the shards
+        plot = write_plot(trainer) if world.is_main else None
         barrier(world)
         return RunResult(trainer, path, plot, stopped)
     finally:

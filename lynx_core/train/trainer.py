@@ -179,6 +179,11 @@ class Trainer:
                                        reference_runner=reference_runner, packed=packed,
                                        attention=cfg.attention)
         self.engine = wrap(self.objective, self.world, cfg.distributed, device)
+        # FSDP replaces the parameters with sharded ones: the optimizer must see those.
+        names = [n for n, _ in self.trained]
+        current = dict(adapters.named_parameters())
+        self.trained = [(n, current[n]) for n in names]
+        self.params = [p for _, p in self.trained]
         self.optimizer = make_optimizer(self.params, cfg)
         self.data = DataOrder(source, cfg.token_budget, cfg.seed)
         heldout = [i for i, e in enumerate(source.entries) if e.heldout]
