@@ -210,3 +210,35 @@ def test_memory_options_train_the_same_weights(tmp_path, options):
     assert [r["loss"] for r in h_ref] == [r["loss"] for r in h_got]
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_resampler_init_from_a_file_of_the_same_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    from lynx_core.train.run import load_resampler_init
+
+    _, donor = tiny_models(5, "lite")
+    path = tmp_path / "resampler.safetensors"
+    save_file({f"image_proj.{k}": v.contiguous() for k, v in donor.resampler.state_dict().items()}, str(path))
+    _, target = tiny_models(0, "lite")
+    load_resampler_init(target, path)
+    for k, v in donor.resampler.state_dict().items():
+        assert torch.equal(target.resampler.state_dict()[k], v), k
+    from lynx_core.adapters import LynxAdapters
+    wide = LynxAdapters.create("lite", dim=64, num_blocks=4, resampler_dim=32, resampler_heads=2,
+                               resampler_dim_head=16, resampler_depth=2)
+    with pytest.raises(TrainingError, match="resampler_init"):
+        load_resampler_init(wide, path)
+
+
+def test_lite_adapters_train(tmp_path):
+    samples, heldout, fixed = synthetic_identities(k=2, per_identity=2, seed=2)
+    cfg = TrainConfig(out=str(tmp_path), wan="tiny", mode="auto", lr=1e-3, max_steps=2, token_budget=48,
+                      eval_every=0, save_every=0, device="cpu", distributed="none")
+    model, adapters = tiny_models(0, "lite")
+    start = {k: v.clone() for k, v in adapters.state_dict().items()}
+    tr = Trainer(cfg, model, adapters, InMemorySource(samples, heldout), fixed, device=CPU)
+    tr.fit()
+    assert tr.mode == "full" and adapters.ref_layers is None
+    assert sorted(int(k) for k in adapters.ip_layers) == [0, 2]
+    assert any(not torch.equal(v, start[k]) for k, v in adapters.state_dict().items() if k.startswith("ip_layers."))
