@@ -653,7 +653,8 @@ def combined_state(adapters: LynxAdapters, include_resampler: bool = True) -> di
     return out
 
 
-def _metadata(adapters: LynxAdapters, part: str) -> dict[str, str]:
+def file_metadata(adapters: LynxAdapters, part: str) -> dict[str, str]:
+    """The safetensors header entries our adapter files carry (load_adapters reads the head split back)."""
     return {
         "format": "pt",
         "lynx.variant": adapters.variant,
@@ -698,7 +699,7 @@ def save_adapters(
     _refuse_overwrite(targets.values(), overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     for part, tensors in parts.items():
-        _write(tensors, targets[part], dtype, _metadata(adapters, part))
+        _write(tensors, targets[part], dtype, file_metadata(adapters, part))
     logger.info("saved %s to %s", adapters.summary(), folder)
     return list(targets.values())
 
@@ -716,5 +717,5 @@ def save_adapters_combined(
         raise LynxAdapterError(f"{path}: combined adapter files must end in .safetensors")
     _refuse_overwrite([path], overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(combined_state(adapters, include_resampler), path, dtype, _metadata(adapters, "combined"))
+    _write(combined_state(adapters, include_resampler), path, dtype, file_metadata(adapters, "combined"))
     return path

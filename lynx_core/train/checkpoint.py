@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..atomic import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "lynx-train-checkpoint"
@@ -199,17 +201,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open folders; NTFS renames are journaled
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _cpu_tensors(tensors: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
@@ -311,14 +302,14 @@ def save_checkpoint(
         for name in (MODEL_FILE, OPTIMIZER_FILE):
             _fsync_file(tmp / name)
         _write_json(tmp / STATE_FILE, state)  # last: a folder with state.json was fully written
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # another process raced us to this step
             raise CheckpointError(f"checkpoint {final} appeared while saving; it is never overwritten")
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     logger.info("checkpoint step %d written to %s", step, final)
     if keep_last is not None:
         prune_checkpoints(folder, keep_last, protect=final)

@@ -20,8 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..atomic import fsync_dir
 from ..adapters import OFFICIAL_FILES, LynxAdapters, combined_state, official_state
-from ..adapters.io import _metadata as _adapter_metadata  # the keys load_adapters reads back (resampler heads)
+from ..adapters.io import file_metadata as _adapter_metadata
 from .lora import has_lora, merge_lora
 
 logger = logging.getLogger(__name__)
@@ -99,17 +100,6 @@ def _write(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> 
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def export_adapters(
@@ -145,7 +135,7 @@ def export_adapters(
             tmp.mkdir()
             for part, tensors in official_state(adapters).items():
                 _write(_cpu(tensors, dtype), tmp / OFFICIAL_FILES[part], {**_adapter_metadata(adapters, part), **extra})
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         if not _is_free(target):  # something else wrote there meanwhile
             raise ExportError(f"{target} appeared while exporting; it was left untouched, export again to another name")
         if target.is_dir():
@@ -157,7 +147,7 @@ def export_adapters(
         else:
             tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     logger.info("exported %s to %s", adapters.summary(), target)
     return target
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..offload.host import ALIGN, align_up, fmt_bytes, next_pow2, quantizable
-from ..offload.plan import choose_swapped, estimate_activation_bytes, normalize_device
+from ..offload.plan import _ranges, choose_swapped, estimate_activation_bytes, normalize_device
 
 log = logging.getLogger(__name__)
 
@@ -237,19 +237,6 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _ranges(idx: Sequence[int]) -> str:
-    out, start, prev = [], None, None
-    for i in sorted(idx):
-        if start is None:
-            start = prev = i
-        elif i == prev + 1:
-            prev = i
-        else:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = i
-    if start is not None:
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(out) or "none"
 
 
 @dataclass(frozen=True)
@@ -283,23 +270,18 @@ def plan_training(model: nn.Module, adapters: nn.Module, *, tokens: int, mode: s
     checked) minus nothing, with ``host_reserve_bytes`` counted for the process itself.
     """
     if mode == "auto":
+        options = dict(tokens=tokens, blocks_to_swap=blocks_to_swap, fp8_base=fp8_base,
+                       offload_activations=offload_activations, optimizer=optimizer, lora_rank=lora_rank,
+                       samples=samples, text_tokens=text_tokens, device=device,
+                       device_total_bytes=device_total_bytes, device_free_bytes=device_free_bytes,
+                       host_ram_bytes=host_ram_bytes, pin_limit_bytes=pin_limit_bytes,
+                       reserve_bytes=reserve_bytes, host_reserve_bytes=host_reserve_bytes,
+                       compute_dtype=compute_dtype, ring_size=ring_size, placement=placement)
         try:
-            return plan_training(model, adapters, tokens=tokens, mode="full", blocks_to_swap=blocks_to_swap,
-                                 fp8_base=fp8_base, offload_activations=offload_activations, optimizer=optimizer,
-                                 lora_rank=lora_rank, samples=samples, text_tokens=text_tokens, device=device,
-                                 device_total_bytes=device_total_bytes, device_free_bytes=device_free_bytes,
-                                 host_ram_bytes=host_ram_bytes, pin_limit_bytes=pin_limit_bytes,
-                                 reserve_bytes=reserve_bytes, host_reserve_bytes=host_reserve_bytes,
-                                 compute_dtype=compute_dtype, ring_size=ring_size, placement=placement)
+            return plan_training(model, adapters, mode="full", **options)
         except TrainPlanError as err:
             full_needs = str(err).splitlines()[0]
-        plan = plan_training(model, adapters, tokens=tokens, mode="lora", blocks_to_swap=blocks_to_swap,
-                             fp8_base=fp8_base, offload_activations=offload_activations, optimizer=optimizer,
-                             lora_rank=lora_rank, samples=samples, text_tokens=text_tokens, device=device,
-                             device_total_bytes=device_total_bytes, device_free_bytes=device_free_bytes,
-                             host_ram_bytes=host_ram_bytes, pin_limit_bytes=pin_limit_bytes,
-                             reserve_bytes=reserve_bytes, host_reserve_bytes=host_reserve_bytes,
-                             compute_dtype=compute_dtype, ring_size=ring_size, placement=placement)
+        plan = plan_training(model, adapters, mode="lora", **options)
         plan.notes.append(f"mode 'auto' chose lora: full mode does not fit ({full_needs})")
         return plan
 
