@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,30 @@ def free_comfy_memory() -> None:
         return
     mm.unload_all_models()
     mm.soft_empty_cache()
+
+
+def release_training_memory() -> None:
+    """Give the trainer's GPU memory back to ComfyUI's allocator after a run."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.soft_empty_cache()
+
+
+def ui_image(image: torch.Tensor, prefix: str) -> list[dict]:
+    """Write IMAGE [1, H, W, 3] to ComfyUI's temp folder and describe it as a node preview ([] without ComfyUI)."""
+    from PIL import Image
+
+    try:
+        folder = comfy_env.temp_directory()
+    except ImportError:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}.png"
+    arr = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    Image.fromarray(arr).save(folder / name)
+    return [{"filename": name, "subfolder": "", "type": "temp"}]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +161,9 @@ class LynxTrainingDataset:
             log.warning("Lynx Training Dataset: skipped %s: %s", path, reason)
         report = dataset_report(cache, reused=counter.done == 0)
         log.info("Lynx Training Dataset:\n%s", report)
-        return (TrainingDataset(cache=cache, name=dataset, report=report), report, preview_grid(cache, folder))
+        preview = preview_grid(cache, folder)
+        return {"ui": {"images": ui_image(preview, "lynx_dataset_preview")},
+                "result": (TrainingDataset(cache=cache, name=dataset, report=report), report, preview)}
 
     def analyzer(self, detector: str):
         return make_analyzer(detector)
@@ -149,6 +176,7 @@ class _StepReporter:
     def __init__(self, total: int, node_id=None):
         self.total = total
         self.node_id = node_id
+        self.interrupt: BaseException | None = None
         self.t0 = time.perf_counter()
         self.first = None
         try:
@@ -163,9 +191,19 @@ class _StepReporter:
             self.first = step - 1
         rate = (step - self.first) / max(1e-9, time.perf_counter() - self.t0)
         text = f"step {step}/{self.total}  loss {record['loss']:.4f}  {rate:.2f} steps/s"
-        if self.bar is not None:
-            self.bar.update_absolute(step, self.total)
         self._text(text)
+        if self.bar is not None:
+            try:
+                self.bar.update_absolute(step, self.total)
+            except Exception as exc:
+                # ComfyUI's progress hook raises the interrupt (and clears the flag) on Cancel: keep
+                # it, so the trainer stops after this step with a checkpoint and it is raised after.
+                if type(exc).__name__ != "InterruptProcessingException":
+                    raise
+                self.interrupt = exc
+
+    def should_stop(self) -> bool:
+        return self.interrupt is not None or comfy_env.interrupt_requested()
 
     def _text(self, text: str) -> None:
         log.debug("Lynx Train Adapters: %s", text)
@@ -222,7 +260,7 @@ class LynxTrainAdapters:
             "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-1, "step": 1e-6, "round": False,
                                         "tooltip": "AdamW learning rate (the paper: 1e-5)."}),
             "lora_rank": ("INT", {"default": 64, "min": 1, "max": 1024, "tooltip": "Rank of the LoRA updates (mode lora)."}),
-            "token_budget": ("INT", {"default": 33_600, "min": 256, "max": 1_000_000, "step": 16,
+            "token_budget": ("INT", {"default": 33_600, "min": 16, "max": 1_000_000, "step": 16,
                                      "tooltip": "Patch tokens per packed step (the paper: 33.6k). An 81-frame 480x832 "
                                                 "video is 32760 tokens; lower it on small GPUs and use shorter targets."}),
             "blocks_to_swap": ("INT", {"default": -1, "min": -1, "max": 64,
@@ -263,20 +301,21 @@ class LynxTrainAdapters:
         reporter = _StepReporter(int(steps), unique_id)
         outcome = train_adapters(model, dataset.cache, dataset.fixed, settings,
                                  adapters=adapters.adapters if adapters is not None else None,
-                                 device=compute_device(), should_stop=comfy_env.interrupt_requested,
-                                 on_step=reporter)
+                                 device=compute_device(), should_stop=reporter.should_stop, on_step=reporter)
         if outcome.stopped:
             log.info("Lynx Train Adapters: cancelled at step %d; Run again to continue (resume = auto)",
                      outcome.trainer.step)
+            if reporter.interrupt is not None:
+                raise reporter.interrupt
             comfy_env.throw_if_interrupted()
             raise RuntimeError("training stopped before its last step without an interrupt")  # not reached in ComfyUI
         trained = outcome.adapters.to(dtype=auto_dtype())
+        release_training_memory()
         source = f"trained:{name}@{outcome.trainer.step}"
         image = plot_image(outcome.history, outcome.trainer.eval_history, outcome.plot_path)
         loss = {"loss": [float(r["loss"]) for r in outcome.history]}
         folder = str(outcome.export_dir.parent.parent) if outcome.export_dir else str(settings.run_dir)
-        return {"ui": {"text": [f"{outcome.trainer.step} steps, final loss {loss['loss'][-1]:.4f}" if loss["loss"]
-                                else "no steps"]},
+        return {"ui": {"images": ui_image(image, "lynx_loss_plot")},
                 "result": (AdaptersHandle(adapters=trained, source=source), folder, image, loss)}
 
 

@@ -149,6 +149,8 @@ def test_trains_under_comfyuis_inference_mode_and_leaves_the_base_alone(comfy_di
     with torch.inference_mode():
         out = _train(SyntheticDataset(), dm, adapters, "run")
     handle, folder, plot, loss = out["result"]
+    (shown,) = out["ui"]["images"]
+    assert (comfy_dirs / "temp" / shown["filename"]).is_file()
     # the base is bit-identical, the incoming adapters untouched, the trained ones moved
     assert all(torch.equal(base[k], v) for k, v in dm.state_dict().items())
     assert all(torch.equal(start[k], v) for k, v in adapters.state_dict().items())
@@ -294,7 +296,10 @@ def test_dataset_node_builds_reuses_reports_and_trains(comfy_dirs, monkeypatch):
     node = LynxTrainingDataset()
     args = ("mine", vae, clip, "mtcnn", 256 * 256, 1, 1, 0.0)
     with torch.inference_mode():
-        dataset, report, preview = node.build(*args)
+        built = node.build(*args)
+    dataset, report, preview = built["result"]
+    (shown,) = built["ui"]["images"]  # the preview on the node, from ComfyUI's temp folder
+    assert (comfy_dirs / "temp" / shown["filename"]).is_file() and shown["type"] == "temp"
     assert [e.key for e in dataset.cache.entries] == ["anna/mirrored.png#anna/id/front.png"]
     assert "anna/cat.png" in report and "no face" in report  # the skipped target, with its reason
     assert preview.shape == (1, 160, 320, 3)
@@ -303,7 +308,7 @@ def test_dataset_node_builds_reuses_reports_and_trains(comfy_dirs, monkeypatch):
     assert (dataset.cache.folder == comfy_dirs / "output" / "lynx_training" / "cache" / "mine")
     calls = vae.calls
     with torch.inference_mode():
-        again, report2, _ = node.build(*args)
+        again, report2, _ = node.build(*args)["result"]
     assert vae.calls == calls and report2.startswith("reused")
     assert again.fingerprint == dataset.fingerprint
 
@@ -335,3 +340,28 @@ def test_gpu_memory_plan_choice_from_budgets():
     fixed = choose_plan(dm, adapters, RunSettings(run_dir=Path("x"), mode="lora", token_budget=256, blocks_to_swap=2),
                         "cuda", **budgets)
     assert fixed.blocks_to_swap == 2 and fixed.mode == "lora"
+
+
+def test_cancel_raised_by_comfyuis_progress_hook_still_saves(comfy_dirs, monkeypatch):
+    """Inside ComfyUI the progress bar's hook raises InterruptProcessingException (and clears the
+    interrupt flag) on Cancel: the node must still stop with a checkpoint and raise it afterwards."""
+    class InterruptProcessingException(Exception):
+        pass
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            if value == 2:
+                raise InterruptProcessingException()
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(ProgressBar=ProgressBar)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    dm, adapters = _comfy_like(inference=False)
+    with pytest.raises(InterruptProcessingException):
+        _train(SyntheticDataset(), dm, adapters, "hooked", steps=5)
+    run = comfy_dirs / "output" / "lynx_training" / "hooked"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 PACK = "ComfyUI-Lynx"
 OUR_TYPES = ("LoadLynxAdapters", "LynxEncodeFaceID", "LynxEncodeReference", "LynxSampler", "LynxVideoCombine")
+TRAIN_TYPES = ("LynxTrainingDataset", "LynxTrainAdapters", "LynxSaveAdapters")
 TINY = {"width": 64, "height": 64, "length": 5}
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
@@ -181,7 +182,9 @@ def _graph_state(page) -> list[dict]:
 
 # UI template (its file name is the card's title) -> its API twin
 TEMPLATES = {"Lynx Full (ID and Ref adapters), photo to video": "lynx_full_t2v_api.json",
-             "Lynx Lite (ID adapter only), photo to video": "lynx_lite_t2v_api.json"}
+             "Lynx Lite (ID adapter only), photo to video": "lynx_lite_t2v_api.json",
+             "Lynx Train the adapters on a dataset": "lynx_train_api.json",
+             "Lynx Train then generate, photo to video": "lynx_train_then_t2v_api.json"}
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -201,10 +204,13 @@ def test_template_loads_with_our_nodes_and_widgets(page, comfy_server, tmp_path,
         s = state[node["id"]]
         assert s["type"] == node["type"] and s["registered"], s
         assert not s["errors"], f"node {node['id']} ({node['type']}) has errors"
-        if node["type"] in OUR_TYPES:
+        if node["type"] in OUR_TYPES + TRAIN_TYPES:
             assert s["widgets"] == _expected_widgets(info, node["type"]), node["type"]
         assert s["values"] == node["widgets_values"], f"node {node['id']} ({node['type']}) widget values"
-    assert {n["type"] for n in saved["nodes"]} >= set(OUR_TYPES) - ({"LynxEncodeReference"} if "Lite" in name else set())
+    expected = set(OUR_TYPES) - ({"LynxEncodeReference"} if "Full" not in name else set())
+    if "Train" in name:  # the training templates: lite, and the training-only one has no sampler
+        expected = ({"LoadLynxAdapters"} if "generate" not in name else expected) | set(TRAIN_TYPES)
+    assert {n["type"] for n in saved["nodes"]} >= expected
     # the front-end turns the template into the same API prompt as our API file
     prompt = page.eval(f"{APP}.graphToPrompt().then(p => p.output)")
     api = json.loads((WORKFLOWS / "api" / TEMPLATES[name]).read_text())
@@ -215,6 +221,15 @@ def test_template_loads_with_our_nodes_and_widgets(page, comfy_server, tmp_path,
 
 
 def test_template_browser_lists_our_graphs(page, tmp_path):
+    # a tall viewport, so that every card of the pack (two rows) is on screen: the cards load lazily
+    page.send("Emulation.setDeviceMetricsOverride", width=1600, height=2000, deviceScaleFactor=1, mobile=False)
+    try:
+        _check_template_browser(page, tmp_path)
+    finally:
+        page.send("Emulation.clearDeviceMetricsOverride")
+
+
+def _check_template_browser(page, tmp_path):
     page.eval(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog'))"
               f".map(d => d.innerText).find(t => t.includes('{PACK}')); return d || null; }})()",
@@ -227,14 +242,20 @@ def test_template_browser_lists_our_graphs(page, tmp_path):
     names = page.wait("(() => { const d = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText)"
                       ".find(t => t.includes('Lynx Full')); return d || null; })()", 30, "our templates listed")
     assert "Lynx Lite" in names and "t2v_api" not in names
-    # each of our cards shows its thumbnail (a broken image has naturalWidth 0)
-    page.wait("""Array.from(document.querySelectorAll('.p-dialog img')).filter(img => {
-        for (let e = img.parentElement, k = 0; e && k < 8; e = e.parentElement, k++) {
-            if (e.querySelectorAll('img').length === 1 && /Lynx (Full|Lite)/.test(e.innerText))
-                return img.complete && img.naturalWidth > 0;
-        }
-        return false;
-    }).length >= 2""", 30, "the thumbnails of our template cards")
+    # each of our cards shows its thumbnail (a broken image has naturalWidth 0); the cards load their
+    # images lazily, so the first one not loaded yet is scrolled into view on every poll
+    page.wait("""(() => {
+        const ours = Array.from(document.querySelectorAll('.p-dialog img')).filter(img => {
+            for (let e = img.parentElement, k = 0; e && k < 8; e = e.parentElement, k++) {
+                if (e.querySelectorAll('img').length === 1 && /Lynx (Full|Lite|Train)/.test(e.innerText)) return true;
+            }
+            return false;
+        });
+        const loaded = ours.filter(img => img.complete && img.naturalWidth > 0);
+        const next = ours.find(img => !(img.complete && img.naturalWidth > 0));
+        if (next) next.scrollIntoView({block: 'center'});
+        return ours.length >= 4 && loaded.length === ours.length;
+    })()""", 30, "the thumbnails of our template cards")
     page.screenshot(tmp_path / "template_browser.png")
     page.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
     page.send("Input.dispatchKeyEvent", type="keyUp", key="Escape", code="Escape", windowsVirtualKeyCode=27)
