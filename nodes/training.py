@@ -177,6 +177,7 @@ class _StepReporter:
         self.total = total
         self.node_id = node_id
         self.interrupt: BaseException | None = None
+        self.last_preview = None
         self.t0 = time.perf_counter()
         self.first = None
         try:
@@ -198,6 +199,17 @@ class _StepReporter:
             except Exception as exc:
                 # ComfyUI's progress hook raises the interrupt (and clears the flag) on Cancel: keep
                 # it, so the trainer stops after this step with a checkpoint and it is raised after.
+                if type(exc).__name__ != "InterruptProcessingException":
+                    raise
+                self.interrupt = exc
+
+    def preview(self, step: int, image) -> None:
+        """Show the x0 preview on the node through ComfyUI's progress preview."""
+        self.last_preview = image
+        if self.bar is not None:
+            try:
+                self.bar.update_absolute(step, self.total, ("JPEG", image, 512))
+            except Exception as exc:
                 if type(exc).__name__ != "InterruptProcessingException":
                     raise
                 self.interrupt = exc
@@ -279,10 +291,14 @@ class LynxTrainAdapters:
             "adapters": (LYNX_ADAPTERS, {"tooltip": "Adapters to start from (Load Lynx Adapters). Not connected: a "
                                                     "fresh initialisation of the variant below."}),
             "variant": (VARIANTS, {"default": "full", "tooltip": "For a fresh start only: Lynx full or lite."}),
+            "preview_every": ("INT", {"default": 25, "min": 0, "max": 100000,
+                                      "tooltip": "Every N steps show the x0 the model predicts beside the target "
+                                                 "(one cheap forward, latent colours); 0 = off."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, dataset, mode, steps, learning_rate, lora_rank, token_budget, blocks_to_swap,
-              save_every, run_name, resume, seed, adapters=None, variant="full", unique_id=None):
+              save_every, run_name, resume, seed, adapters=None, variant="full", preview_every=25,
+              unique_id=None):
         if not isinstance(dataset, TrainingDataset):
             raise TypeError("dataset: connect the dataset output of Lynx Training Dataset")
         if adapters is not None and not isinstance(adapters, AdaptersHandle):
@@ -301,7 +317,8 @@ class LynxTrainAdapters:
         reporter = _StepReporter(int(steps), unique_id)
         outcome = train_adapters(model, dataset.cache, dataset.fixed, settings,
                                  adapters=adapters.adapters if adapters is not None else None,
-                                 device=compute_device(), should_stop=reporter.should_stop, on_step=reporter)
+                                 device=compute_device(), should_stop=reporter.should_stop, on_step=reporter,
+                                 preview_every=int(preview_every), on_preview=reporter.preview)
         if outcome.stopped:
             log.info("Lynx Train Adapters: cancelled at step %d; Run again to continue (resume = auto)",
                      outcome.trainer.step)

@@ -127,6 +127,18 @@ def _device_runner(model, device: torch.device, settings: RunSettings, adapters)
     return runner, runner.close, plan.mode
 
 
+def preview_image(trainer):
+    """PIL image: the x0 the model predicts (left) beside the target (right), first frame, through
+    the fixed latent-to-RGB projection (a cheap look, not a VAE decode)."""
+    import numpy as np
+    from PIL import Image
+
+    from lynx_core.latent_preview import latent_to_rgb
+    pred, target = trainer.preview()
+    frames = [latent_to_rgb(t[None])[0] for t in (pred, target)]
+    return Image.fromarray(np.concatenate(frames, axis=1))
+
+
 def _export_once(trainer) -> Path:
     """The run's export of this step; an export already there (a finished run queued again) is kept."""
     target = trainer.cfg.out_dir / "adapters" / f"step_{trainer.step:06d}"
@@ -138,6 +150,7 @@ def _export_once(trainer) -> Path:
 def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapters: Optional[LynxAdapters] = None,
                    device: Optional[torch.device] = None, should_stop: Callable[[], bool] = lambda: False,
                    on_step: Optional[Callable[[dict], None]] = None,
+                   preview_every: int = 0, on_preview: Optional[Callable[[int, object], None]] = None,
                    calculate_weight=None) -> RunOutcome:
     """Train; resumes from the run folder's newest checkpoint when ``settings.resume == 'auto'``."""
     if settings.resume not in RESUME:
@@ -160,13 +173,21 @@ def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapt
                               blocks_to_swap=settings.blocks_to_swap, device=str(device), distributed="none",
                               heldout=0.0)
             total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+            reference_runner = runner.forward_runner(model) if hasattr(runner, "forward_runner") else None
             trainer = Trainer(cfg, model, start, source, fixed, device=device, runner=runner,
+                              reference_runner=reference_runner,
                               fingerprints={"dataset": getattr(source, "fingerprint", "in-memory")},
                               device_bytes=total)
             if settings.resume == "auto":
                 resume_if_possible(trainer)
             already_done = trainer.step >= cfg.max_steps  # queued again after the run finished
-            trainer.fit(should_stop=should_stop, on_step=on_step)
+            def step_done(record: dict) -> None:
+                if on_step is not None:
+                    on_step(record)
+                if on_preview is not None and preview_every > 0 and record["step"] % preview_every == 0:
+                    on_preview(record["step"], preview_image(trainer))
+
+            trainer.fit(should_stop=should_stop, on_step=step_done)
             stopped = trainer.step < cfg.max_steps
             export_dir = plot = None
             if not stopped:

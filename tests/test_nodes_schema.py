@@ -37,7 +37,7 @@ SPEC = {
                              "verify_threshold"], ["heldout"], ["LYNX_DATASET", "STRING", "IMAGE"]),
     "LynxTrainAdapters": ("Lynx Train Adapters",
                           ["model", "dataset", "mode", "steps", "learning_rate", "lora_rank", "token_budget",
-                           "blocks_to_swap", "save_every", "run_name", "resume", "seed"], ["adapters", "variant"],
+                           "blocks_to_swap", "save_every", "run_name", "resume", "seed"], ["adapters", "variant", "preview_every"],
                           ["LYNX_ADAPTERS", "STRING", "IMAGE", "LOSS_MAP"]),
     "LynxSaveAdapters": ("Lynx Save Adapters", ["adapters", "name", "dtype"], [], ["STRING"]),
 }

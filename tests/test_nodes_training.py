@@ -365,3 +365,40 @@ def test_cancel_raised_by_comfyuis_progress_hook_still_saves(comfy_dirs, monkeyp
         _train(SyntheticDataset(), dm, adapters, "hooked", steps=5)
     run = comfy_dirs / "output" / "lynx_training" / "hooked"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
+
+
+def test_x0_preview_reaches_comfyuis_progress_preview(comfy_dirs, monkeypatch):
+    """Every preview_every steps the node sends (JPEG, image, size) through ComfyUI's progress bar:
+    the predicted x0 beside the target."""
+    seen = []
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            if preview is not None:
+                seen.append((value, preview))
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.SimpleNamespace(ProgressBar=ProgressBar)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    dm, adapters = _comfy_like(inference=False)
+    _train(SyntheticDataset(), dm, adapters, "previewed", steps=4, preview_every=2)
+    assert [v for v, _ in seen] == [2, 4]
+    fmt, image, size = seen[-1][1]
+    assert fmt == "JPEG" and size == 512
+    w, h = image.size
+    assert w == 2 * h or w > h  # prediction | target side by side
+    left = np.asarray(image)[:, : w // 2].astype(float)
+    right = np.asarray(image)[:, w // 2:].astype(float)
+    assert left.shape == right.shape and np.abs(left - right).mean() > 0  # a prediction, not the target copied
+
+
+def test_trainer_preview_recovers_x0_from_the_velocity():
+    """x0 = x_t - sigma * v: with the true velocity the preview is exactly the target."""
+    from lynx_core.train.loss import noise_sample, sample_generator
+    x0 = torch.randn(16, 1, 4, 4)
+    n = noise_sample(x0, 0.75, sample_generator(0, 1))
+    assert torch.allclose(n.x_t - 0.75 * n.target, x0, atol=1e-6)

@@ -267,6 +267,18 @@ class Trainer:
             self.adapters.train(was_training)
         return total / count
 
+    @torch.no_grad()
+    def preview(self, index: int | None = None, sigma: float = 0.75) -> tuple[Tensor, Tensor]:
+        """(x0 predicted at a fixed sigma, the target x0) of one sample, latents [16, F, h, w] fp32.
+
+        A cheap look at what the adapters do (one forward of one sample): x0 = x_t - sigma * v.
+        """
+        i = index if index is not None else (self.heldout[0] if self.heldout else self.data.train[0])
+        s = self.source.sample(i)
+        noised = noise_sample(s.latent, sigma, sample_generator(self.cfg.seed, EVAL_STEP, -2, i))
+        v = self.objective.predict([DrawnSample(s, noised, FULL)], self.device)[0].float().cpu()
+        return noised.x_t - sigma * v, s.latent.float()
+
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, max_steps: int | None = None, should_stop: Callable[[], bool] | None = None,
             on_step: Callable[[dict], None] | None = None) -> list[dict]:
