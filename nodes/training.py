@@ -35,6 +35,18 @@ VARIANTS = ["full", "lite"]
 TRAINING_FOLDER = "lynx_training"
 
 
+def saved_states() -> list[str]:
+    """Every complete checkpoint under output/lynx_training/, as "<run>/step_NNNNNN" (newest first)."""
+    from lynx_core.train.checkpoint import list_checkpoints
+    root = training_root()
+    if not root.is_dir():
+        return []
+    found = []
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "cache"):
+        found += [f"{run.name}/{c.name}" for c in list_checkpoints(run)]
+    return sorted(found, key=lambda s: (s.split("/")[0], s), reverse=True)
+
+
 def training_root() -> Path:
     try:
         return comfy_env.output_directory() / TRAINING_FOLDER
@@ -272,9 +284,10 @@ class LynxTrainAdapters:
             "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-1, "step": 1e-6, "round": False,
                                         "tooltip": "AdamW learning rate (the paper: 1e-5)."}),
             "lora_rank": ("INT", {"default": 64, "min": 1, "max": 1024, "tooltip": "Rank of the LoRA updates (mode lora)."}),
-            "token_budget": ("INT", {"default": 33_600, "min": 16, "max": 1_000_000, "step": 16,
+            "token_budget": ("INT", {"default": 33_600, "min": 0, "max": 1_000_000, "step": 16,
                                      "tooltip": "Patch tokens per packed step (the paper: 33.6k). An 81-frame 480x832 "
-                                                "video is 32760 tokens; lower it on small GPUs and use shorter targets."}),
+                                                "video is 32760 tokens; lower it on small GPUs and use shorter targets. "
+                                                "0 = auto: the largest budget whose memory plan fits the free VRAM."}),
             "blocks_to_swap": ("INT", {"default": -1, "min": -1, "max": 64,
                                        "tooltip": "Wan blocks streamed from RAM per step on a GPU: -1 auto (from free "
                                                   "VRAM), 0 all resident (80 GB+), 40 = all (24 GB)."}),
@@ -282,9 +295,10 @@ class LynxTrainAdapters:
                                    "tooltip": "Checkpoint every N steps (and at the end, and on Cancel); 0 = only then."}),
             "run_name": ("STRING", {"default": "lynx_run",
                                     "tooltip": "Folder under output/lynx_training/ for this run."}),
-            "resume": (list(RESUME), {"default": "auto",
+            "resume": (list(RESUME) + saved_states(), {"default": "auto",
                                       "tooltip": "auto: continue the run folder's newest checkpoint (after Cancel); "
-                                                 "none: start over in a new numbered folder."}),
+                                                 "none: start over in a new numbered folder; <run>/step_N: continue "
+                                                 "that saved state in a new numbered folder."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                              "tooltip": "Every random draw (noise, timesteps, dropout, data order) comes from it."}),
         }, "optional": {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +17,7 @@ import torch
 
 from lynx_core.adapters import LynxAdapters
 from lynx_core.train.checkpoint import latest_checkpoint
-from lynx_core.train.checkpoint_io import export_run, resume_if_possible, save_run_checkpoint, write_plot
+from lynx_core.train.checkpoint_io import export_run, resume_from, resume_if_possible, save_run_checkpoint, write_plot
 from lynx_core.train.config import TrainConfig
 from lynx_core.train.lora import merge_lora
 from lynx_core.train.trainer import Trainer
@@ -26,7 +26,8 @@ from .training_model import engine_model
 
 log = logging.getLogger(__name__)
 
-RESUME = ("auto", "none")
+RESUME = ("auto", "none")  # plus "<run>/step_NNNNNN": continue that state in a new numbered run folder
+BUDGET_CANDIDATES = (33_600, 24_000, 20_000, 16_000, 12_000, 8_000, 4_000)
 
 
 @dataclass
@@ -139,6 +140,36 @@ def preview_image(trainer):
     return Image.fromarray(np.concatenate(frames, axis=1))
 
 
+def listed_state(resume: str, root: Path) -> Optional[Path]:
+    """The checkpoint folder a listed resume choice ("<run>/step_NNNNNN") names, or None for auto/none."""
+    if resume in RESUME:
+        return None
+    from lynx_core.train.checkpoint import CHECKPOINTS_DIR, is_complete
+    run, _, step = resume.partition("/")
+    folder = root / run / CHECKPOINTS_DIR / step
+    if not run or not step.startswith("step_") or ".." in resume or not is_complete(folder):
+        raise ValueError(f"resume: {resume!r} is neither auto, none nor a saved training state; pick auto, none or one of the listed "
+                         "<run>/step_N states (refresh the page to update the list)")
+    return folder
+
+
+def auto_token_budget(model, adapters, settings: RunSettings, device: torch.device, source) -> int:
+    """token_budget = 0: the largest budget whose memory plan fits (33.6k on the CPU), never smaller
+    than the largest sample."""
+    from lynx_core.train.memory_plan import TrainPlanError
+    largest = max(int(e.tokens) for e in source.entries)
+    if device.type != "cuda":
+        return max(BUDGET_CANDIDATES[0], largest)
+    for tokens in (t for t in BUDGET_CANDIDATES if t >= largest):
+        try:
+            choose_plan(model, adapters, replace(settings, token_budget=tokens), device)
+        except TrainPlanError:
+            continue
+        log.info("token_budget auto: %d tokens per step", tokens)
+        return tokens
+    return largest  # the plan's refusal at this size names the knobs
+
+
 def _export_once(trainer) -> Path:
     """The run's export of this step; an export already there (a finished run queued again) is kept."""
     target = trainer.cfg.out_dir / "adapters" / f"step_{trainer.step:06d}"
@@ -153,8 +184,7 @@ def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapt
                    preview_every: int = 0, on_preview: Optional[Callable[[int, object], None]] = None,
                    calculate_weight=None) -> RunOutcome:
     """Train; resumes from the run folder's newest checkpoint when ``settings.resume == 'auto'``."""
-    if settings.resume not in RESUME:
-        raise ValueError(f"resume: unknown choice {settings.resume!r}; use one of {RESUME}")
+    state = listed_state(settings.resume, settings.run_dir.parent)
     device = device or torch.device("cpu")
     with torch.inference_mode(False):
         dtype = torch.float32 if device.type == "cpu" else None
@@ -164,6 +194,8 @@ def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapt
         cfg_dim, cfg_blocks = model.config.dim, model.config.num_layers
         start = trainable_copy(adapters, settings.variant, cfg_dim, cfg_blocks, settings.seed)
         run_dir = settings.run_dir if settings.resume == "auto" else fresh_run_dir(settings.run_dir)
+        if settings.token_budget == 0:
+            settings = replace(settings, token_budget=auto_token_budget(model, start, settings, device, source))
         runner, close, mode = _device_runner(model, device, settings, start)
         try:
             cfg = TrainConfig(out=str(run_dir), wan=settings.base_name, adapters="from-graph" if adapters else "",
@@ -180,6 +212,8 @@ def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapt
                               device_bytes=total)
             if settings.resume == "auto":
                 resume_if_possible(trainer)
+            elif state is not None:
+                resume_from(trainer, state)
             already_done = trainer.step >= cfg.max_steps  # queued again after the run finished
             def step_done(record: dict) -> None:
                 if on_step is not None:

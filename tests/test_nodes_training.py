@@ -402,3 +402,26 @@ def test_trainer_preview_recovers_x0_from_the_velocity():
     x0 = torch.randn(16, 1, 4, 4)
     n = noise_sample(x0, 0.75, sample_generator(0, 1))
     assert torch.allclose(n.x_t - 0.75 * n.target, x0, atol=1e-6)
+
+
+def test_resume_from_a_listed_state_continues_it_in_a_new_folder(comfy_dirs):
+    from nodes.training import saved_states
+    dm, adapters = _comfy_like(inference=False)
+    data = SyntheticDataset()
+    straight = _train(data, dm, adapters, "branch", steps=4, save_every=2)["result"]
+    states = saved_states()
+    assert "branch/step_000002" in states and "branch/step_000004" in states
+    assert "branch/step_000002" in LynxTrainAdapters.INPUT_TYPES()["required"]["resume"][0]
+    again = _train(data, dm, adapters, "branch", steps=4, resume="branch/step_000002")["result"]
+    assert Path(again[1]).name == "branch_001"  # the original run is left as it is
+    assert again[3]["loss"] == straight[3]["loss"]  # steps 3 and 4 retrained from step 2, bit for bit
+    a, b = straight[0].adapters.state_dict(), again[0].adapters.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_token_budget_auto(comfy_dirs):
+    dm, adapters = _comfy_like(inference=False)
+    out = _train(SyntheticDataset(), dm, adapters, "auto_budget", steps=1, token_budget=0)["result"]
+    import json
+    state = json.loads((Path(out[1]) / "checkpoints" / "step_000001" / "state.json").read_text())
+    assert state["config"]["token_budget"] == 33_600  # the CPU's choice; on CUDA the largest plan that fits

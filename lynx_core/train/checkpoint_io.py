@@ -72,6 +72,11 @@ def resume_if_possible(trainer, fresh: bool = False) -> Path | None:
     if fresh:
         raise CheckpointError(f"{trainer.cfg.out_dir} already holds a training run (newest checkpoint {folder.name}); "
                               "drop --fresh to continue it, or choose another --out for a new run")
+    return resume_from(trainer, folder)
+
+
+def resume_from(trainer, folder: Path) -> Path:
+    """Load one checkpoint (any complete step folder, also of another run folder) into the trainer."""
     state = load_checkpoint(folder)
     # world_size may differ (resuming 4-GPU training on 2 GPUs changes the global batch, so it is refused).
     notes = check_compatible(state, trainer.cfg.to_dict(), run_fingerprints(trainer), RESUME_MUST_MATCH)
