@@ -6,6 +6,7 @@ import { api } from "../../scripts/api.js";
 
 const VIDEO_NODE = "LynxVideoCombine";
 const FACE_NODE = "LynxEncodeFaceID";
+const TRAIN_NODE = "LynxTrainAdapters";
 const VIDEO_WIDGET = "lynx_video_preview";
 const CAPTION_WIDGET = "lynx_face_caption";
 const VIDEO_EXTS = ["mp4", "webm", "mov", "mkv"];
@@ -172,6 +173,18 @@ function showFaceCaption(node, lines) {
   fitNode(node);
 }
 
+function dropProgressPreviews(node) {
+  const previews = app.nodePreviewImages;
+  const key = String(node.id);
+  if (!previews || !previews[key]) return;
+  for (const url of previews[key]) {
+    if (typeof url === "string" && url.startsWith("blob:")) URL.revokeObjectURL(url);
+  }
+  delete previews[key];
+  node.imgs = undefined;  // re-read from the node's outputs on the next draw
+  node.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "ComfyUI-Lynx.preview",
 
@@ -186,6 +199,15 @@ app.registerExtension({
         onExecuted?.apply(this, arguments);
         const videos = message?.videos;
         if (Array.isArray(videos) && videos.length) showVideo(this, videos[0]);
+      };
+    } else if (nodeData.name === TRAIN_NODE) {
+      // The x0 previews of a run arrive as progress previews, which the front-end keeps on the node
+      // until it runs again and draws over the node's own output: drop them once the run's loss
+      // plot arrives, so the plot shows.
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        dropProgressPreviews(this);
+        onExecuted?.apply(this, arguments);
       };
     } else if (nodeData.name === FACE_NODE) {
       const onExecuted = nodeType.prototype.onExecuted;

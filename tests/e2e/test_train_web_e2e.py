@@ -116,6 +116,7 @@ def test_training_x0_preview_shows_on_the_node_during_the_run(page, comfy_server
     # the front-end drew it on the training node during the run: x0 (left) beside the target (right)
     blob = page.eval("window.__lynxBlobOnNode")
     assert blob and blob[0] == 2 * blob[1], f"no x0 preview image seen on the node during the run: {blob}"
-    # Known: after the run the last x0 preview still covers the loss plot on the node (the front-end
-    # keeps a node's progress preview until that node runs again), hence preview_every=0 in the test above.
+    # After the run the loss plot replaces the last x0 preview (the front-end would keep a node's
+    # progress preview until the node runs again; web/lynx_preview.js drops it when the plot arrives).
+    _wait_image_on(page, "LynxTrainAdapters", "lynx_loss_plot_")
     page.screenshot(tmp_path / "lynx_tiny_train_x0_preview.png")
