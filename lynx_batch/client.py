@@ -160,22 +160,6 @@ class EventSource:
 
 
 def open_events(client: ComfyClient, client_id: str, enabled: bool = True) -> EventSource | None:
-    if not enabled:
-        return None
-    try:
-        import websocket  # noqa: F401  (only whether it is there)
-    except ImportError:
-        log.warning("websocket-client is not installed: following jobs by polling /history "
-                    "(no step progress). `pip install websocket-client` for live progress.")
-        return None
-    try:
-        return EventSource(client.ws_url(client_id))
-    except Exception as e:  # any connect failure: polling still works
-        log.warning("websocket %s failed (%s): following jobs by polling /history", client.ws_url(client_id), e)
-        return None
-
-
-def open_events(client: ComfyClient, client_id: str, enabled: bool = True) -> EventSource | None:
     """The websocket, or None (then the batch follows jobs by polling) with a warning saying why."""
     if not enabled:
         return None

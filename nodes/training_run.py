@@ -20,6 +20,7 @@ from lynx_core.train.checkpoint import latest_checkpoint
 from lynx_core.train.checkpoint_io import export_run, resume_from, resume_if_possible, save_run_checkpoint, write_plot
 from lynx_core.train.config import TrainConfig
 from lynx_core.train.lora import merge_lora
+from lynx_core.train import memory_setup
 from lynx_core.train.trainer import Trainer
 
 from .training_model import engine_model
@@ -86,46 +87,19 @@ def trainable_copy(adapters: Optional[LynxAdapters], variant: str, dim: int, num
 
 # The GPU plans tried in order when blocks_to_swap = -1: plain block swap, then the 24 GB knobs
 # (checkpointed block inputs in pinned host RAM, fp8 host copies of the swapped blocks).
-AUTO_PLANS = ({"fp8_base": False, "offload_activations": False},
-              {"fp8_base": False, "offload_activations": True},
-              {"fp8_base": True, "offload_activations": True})
+def run_config(settings: RunSettings, run_dir: Path, variant: str, from_graph: bool, device) -> TrainConfig:
+    """The engine's TrainConfig for a node run."""
+    return TrainConfig(out=str(run_dir), wan=settings.base_name, adapters="from-graph" if from_graph else "",
+                       variant=variant, mode=settings.mode, lora_rank=settings.lora_rank, max_steps=settings.steps,
+                       lr=settings.learning_rate, token_budget=settings.token_budget, save_every=settings.save_every,
+                       seed=settings.seed, eval_every=settings.eval_every, blocks_to_swap=settings.blocks_to_swap,
+                       device=str(device), distributed="none", heldout=0.0)
 
 
-def choose_plan(model, adapters, settings: RunSettings, device: torch.device, **budgets):
-    """The first memory plan (lynx_core.train.memory_plan) that fits; raises the last refusal."""
-    from lynx_core.train.memory_plan import TrainPlanError, plan_training
-    count = "auto" if settings.blocks_to_swap < 0 else settings.blocks_to_swap
-    error: Exception | None = None
-    for knobs in AUTO_PLANS if settings.blocks_to_swap < 0 else AUTO_PLANS[:1]:
-        try:
-            plan = plan_training(model, adapters, tokens=settings.token_budget, mode=settings.mode,
-                                 blocks_to_swap=count, lora_rank=settings.lora_rank, device=device,
-                                 **knobs, **budgets)
-        except TrainPlanError as exc:
-            error = exc
-            continue
-        log.info("%s", plan.describe())
-        return plan
-    raise error  # type: ignore[misc]
-
-
-def _device_runner(model, device: torch.device, settings: RunSettings, adapters):
-    """(block runner or None, closer, mode): on a GPU, checkpointing and the block swap of the plan."""
-    if device.type != "cuda":
-        model.to(device)
-        return None, (lambda: None), settings.mode
-    from lynx_core.train.runner import CheckpointRunner
-    from lynx_core.train.swap import SwapRunner
-    plan = choose_plan(model, adapters, settings, device)
-    if plan.blocks_to_swap == 0 and not plan.offload_activations:
-        model.to(device)
-        return CheckpointRunner(), (lambda: None), plan.mode
-    for name, child in model.named_children():
-        if name != "blocks":
-            child.to(device)
-    runner = SwapRunner.attach(list(model.blocks), device=device, **plan.swap_options)
-    log.info("training block swap: %d of %d blocks streamed", len(runner.swapped), len(model.blocks))
-    return runner, runner.close, plan.mode
+def choose_plan(model, adapters, settings: RunSettings, device, **budgets):
+    """The first memory plan that fits these node settings (lynx_core.train.memory_setup)."""
+    cfg = run_config(settings, Path("."), adapters.variant, False, device)
+    return memory_setup.choose_plan(cfg, model, adapters, device, **budgets)
 
 
 def preview_image(trainer):
@@ -196,20 +170,14 @@ def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapt
         run_dir = settings.run_dir if settings.resume == "auto" else fresh_run_dir(settings.run_dir)
         if settings.token_budget == 0:
             settings = replace(settings, token_budget=auto_token_budget(model, start, settings, device, source))
-        runner, close, mode = _device_runner(model, device, settings, start)
+        cfg = run_config(settings, run_dir, start.variant, adapters is not None, device)
+        memory = memory_setup.setup_memory(cfg, model, start, device, cfg.mode)
         try:
-            cfg = TrainConfig(out=str(run_dir), wan=settings.base_name, adapters="from-graph" if adapters else "",
-                              variant=start.variant, mode=mode, lora_rank=settings.lora_rank,
-                              max_steps=settings.steps, lr=settings.learning_rate, token_budget=settings.token_budget,
-                              save_every=settings.save_every, seed=settings.seed, eval_every=settings.eval_every,
-                              blocks_to_swap=settings.blocks_to_swap, device=str(device), distributed="none",
-                              heldout=0.0)
             total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-            reference_runner = runner.forward_runner(model) if hasattr(runner, "forward_runner") else None
-            trainer = Trainer(cfg, model, start, source, fixed, device=device, runner=runner,
-                              reference_runner=reference_runner,
+            trainer = Trainer(cfg, model, start, source, fixed, device=device, runner=memory.runner,
+                              reference_runner=memory.reference_runner,
                               fingerprints={"dataset": getattr(source, "fingerprint", "in-memory")},
-                              device_bytes=total)
+                              device_bytes=total, mode=memory.mode)
             if settings.resume == "auto":
                 resume_if_possible(trainer)
             elif state is not None:
@@ -233,5 +201,5 @@ def train_adapters(model_patcher, source, fixed, settings: RunSettings, *, adapt
             merged = merge_lora(trainer.adapters)
             result = copy.deepcopy(merged).to("cpu").requires_grad_(False).eval()
         finally:
-            close()
+            memory.close()
     return RunOutcome(result, export_dir, plot, list(trainer.history), stopped, trainer)
