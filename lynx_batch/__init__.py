@@ -10,4 +10,4 @@ package, and this package never imports the nodes.
 __all__ = ["COMMANDS"]
 
 # Subcommand name -> module with ``add_arguments(parser)`` and ``run(args, stdout, stderr) -> int``.
-COMMANDS = {"queue": "lynx_batch.queue"}
+COMMANDS = {"queue": "lynx_batch.queue", "study": "lynx_batch.study.cli"}

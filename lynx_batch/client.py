@@ -90,12 +90,23 @@ class ComfyClient:
             return data.get(prompt_id)
         return None
 
-    def queue_state(self) -> tuple[set[str], set[str]]:
-        """Prompt ids running now and waiting in the server queue."""
+    def queue_state(self, client_id: str | None = None) -> tuple[set[str], set[str]]:
+        """Prompt ids running now and waiting in the server queue; with ``client_id``, only those
+        sent with it (each queue item's extra_data keeps the client_id of its /prompt request)."""
         status, data = self._json("GET", "/queue")
         if status != 200 or not isinstance(data, dict):
             raise ServerGone(f"{self.base}/queue answered HTTP {status}")
-        ids = lambda items: {item[1] for item in items if isinstance(item, list) and len(item) > 1}  # noqa: E731
+
+        def ids(items: Any) -> set[str]:
+            found = set()
+            for item in items if isinstance(items, list) else []:
+                if not isinstance(item, list) or len(item) < 2:
+                    continue
+                extra = item[3] if len(item) > 3 and isinstance(item[3], dict) else {}
+                if client_id is None or extra.get("client_id") == client_id:
+                    found.add(item[1])
+            return found
+
         return ids(data.get("queue_running", [])), ids(data.get("queue_pending", []))
 
     def interrupt(self, prompt_id: str) -> None:

@@ -36,7 +36,7 @@ def slug(text: str, limit: int) -> str:
     return (s[:limit] or "x").rstrip("-.")
 
 
-def load_prompts(path: Path) -> list[dict[str, Any]]:
+def load_prompts(path: Path, flag: str = "--prompts") -> list[dict[str, Any]]:
     """Read prompts from a ``.csv`` (columns prompt[,negative,seed,face]) or a text file (one per line).
 
     Text files skip blank lines and lines starting with ``#``. In a CSV the ``face`` column is a
@@ -44,19 +44,19 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
     The file may be UTF-8 (with or without BOM) or UTF-16/32 with a BOM.
     """
     if not path.is_file():
-        raise QueueError(f"--prompts: {path} does not exist; give a .txt file (one prompt per line) or a .csv file")
-    text = read_text(path, "--prompts")
+        raise QueueError(f"{flag}: {path} does not exist; give a .txt file (one prompt per line) or a .csv file")
+    text = read_text(path, flag)
     rows: list[dict[str, Any]] = []
     if path.suffix.lower() == ".csv":
         # newline="" lets the csv module keep line breaks inside quoted prompts.
         reader = csv.DictReader(io.StringIO(text, newline=""))
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "prompt" not in fields:
-            raise QueueError(f"--prompts: {path} has no 'prompt' column; the first line must be a header such as "
+            raise QueueError(f"{flag}: {path} has no 'prompt' column; the first line must be a header such as "
                              "'prompt,negative,seed,face'")
         unknown = set(fields) - set(CSV_COLUMNS)
         if unknown:
-            log.warning("--prompts: ignoring unknown CSV columns %s", sorted(unknown))
+            log.warning("%s: ignoring unknown CSV columns %s", flag, sorted(unknown))
         for raw in reader:
             line_no = reader.line_num
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
@@ -69,7 +69,7 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
                 try:
                     entry["seed"] = int(row["seed"])
                 except ValueError:
-                    raise QueueError(f"--prompts: {path} line {line_no}: seed {row['seed']!r} is not an "
+                    raise QueueError(f"{flag}: {path} line {line_no}: seed {row['seed']!r} is not an "
                                      "integer") from None
             if row.get("face"):
                 entry["face"] = row["face"]
@@ -80,7 +80,7 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
             if line and not line.startswith("#"):
                 rows.append({"prompt": line, "line": line_no})
     if not rows:
-        raise QueueError(f"--prompts: {path} contains no prompt")
+        raise QueueError(f"{flag}: {path} contains no prompt")
     return rows
 
 

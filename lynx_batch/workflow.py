@@ -32,22 +32,22 @@ class Targets:
         return filled
 
 
-def load_workflow(path: Path) -> dict[str, Any]:
+def load_workflow(path: Path, flag: str = "--workflow") -> dict[str, Any]:
     """Load an API-format workflow (the file written by ComfyUI's *Export (API)*)."""
     if not path.is_file():
-        raise QueueError(f"--workflow: {path} does not exist")
+        raise QueueError(f"{flag}: {path} does not exist")
     try:
-        data = json.loads(read_text(path, "--workflow"))
+        data = json.loads(read_text(path, flag))
     except json.JSONDecodeError as e:
-        raise QueueError(f"--workflow: {path} is not valid JSON ({e})") from None
+        raise QueueError(f"{flag}: {path} is not valid JSON ({e})") from None
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]  # a saved /prompt request body
     if isinstance(data, dict) and "nodes" in data and "links" in data:
-        raise QueueError(f"--workflow: {path} is a UI-format workflow; export it in API format "
+        raise QueueError(f"{flag}: {path} is a UI-format workflow; export it in API format "
                          "(ComfyUI menu Workflow > Export (API)) or use the files in workflows/api/")
     if not isinstance(data, dict) or not data or not all(
             isinstance(v, dict) and "class_type" in v for v in data.values()):
-        raise QueueError(f"--workflow: {path} is not an API-format workflow "
+        raise QueueError(f"{flag}: {path} is not an API-format workflow "
                          "(expected {node_id: {class_type, inputs}})")
     return data
 

@@ -7,7 +7,8 @@ lynx_core's reference DiT. RoPE and the attention kernel come in as functions fo
 Numerics follow the official code (diffusers 0.33.1 semantics): modulation and the parameter-free
 LayerNorms in fp32, gated residuals added in fp32, the cross-attention residual in the run dtype, the
 adapter branches added to the attention output *before* the output projection, no RoPE on either
-adapter branch.
+adapter branch. The fp32 steps run fused (:mod:`lynx_core.fused`): one pass over the hidden state
+each, in place where the block owns the tensor and autograd is off.
 
 Where tokens belong to samples is a :class:`TokenLayout`: by default each batch row is one sample
 (:class:`DenseLayout`); training's sequence packing (``lynx_core.train.packing``) puts several
@@ -20,6 +21,9 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from .block_i2v import i2v_cross_attention
+from .fused import add_branch, gated_residual, norm_modulate, tracks_grad
 
 RopeFn = Callable[[torch.Tensor, object], torch.Tensor]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -53,6 +57,9 @@ class TokenLayout(Protocol):
         """The kernel for one of the block's attention calls: "self", "ref", "text" or "ip"."""
         ...
 
+    # Optional: ``norm_modulate(x, shift, scale, eps)`` and ``gated_residual(x, y, gate, inplace)``
+    # replace LayerNorm + ``modulate`` and the ``gate`` residual by fused steps (DenseLayout has them).
+
 
 @dataclass(frozen=True)
 class DenseLayout:
@@ -65,12 +72,26 @@ class DenseLayout:
     def gate(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return y * gate
 
+    # The fused steps (lynx_core.fused); a layout without them runs modulate/gate as written.
+    def norm_modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        return norm_modulate(x, shift, scale, eps)
+
+    def gated_residual(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: bool) -> torch.Tensor:
+        return gated_residual(x, y, gate, inplace=inplace)
+
     def attention(self, kind: str) -> AttentionFn:
         return self.kernel
 
 
 def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.expand(batch, -1, -1) if t.shape[0] == 1 and batch > 1 else t
+
+
+def _kv(pair: tuple[torch.Tensor, torch.Tensor], batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached adapter keys/values as the attention takes them: a broadcast view, no copy when the
+    cache already holds the run dtype."""
+    k, v = (_rows(t, batch) for t in pair)
+    return (k, v) if k.dtype == dtype and v.dtype == dtype else (k.to(dtype), v.to(dtype))
 
 
 def _per_token(m: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -108,14 +129,16 @@ def self_attention(attn, n1: torch.Tensor, freqs, rope: RopeFn, attention: Atten
     out = attention(q_rot, k_rot, v, heads)
     if ref is not None and ref_scale != 0.0:
         # The ref query is the normed query *before* RoPE, and ref keys carry no RoPE either.
-        kr, vr = (_rows(t, b).to(q.dtype) for t in ref)
-        out = out + ref_scale * (ref_attention or attention)(q, kr, vr, heads).to(out.dtype)
+        kr, vr = _kv(ref, b, q.dtype)
+        out = add_branch(out, (ref_attention or attention)(q, kr, vr, heads), ref_scale)
     return attn.o(out)
 
 
 def cross_attention(attn, n2: torch.Tensor, context: torch.Tensor, attention: AttentionFn,
                     ip: tuple[torch.Tensor, torch.Tensor] | None, ip_scale: float,
                     ip_attention: AttentionFn | None = None) -> torch.Tensor:
+    if hasattr(attn, "k_img"):  # Wan2.1-I2V / FLF2V blocks: image tokens lead the context
+        return i2v_cross_attention(attn, n2, context, attention, ip, ip_scale, ip_attention)
     b = n2.shape[0]
     heads = attn.num_heads
     q = attn.norm_q(attn.q(n2))
@@ -123,8 +146,8 @@ def cross_attention(attn, n2: torch.Tensor, context: torch.Tensor, attention: At
     v = attn.v(context)
     out = attention(q, k, v, heads)
     if ip is not None and ip_scale != 0.0:
-        kip, vip = (_rows(t, b).to(q.dtype) for t in ip)
-        out = out + ip_scale * (ip_attention or attention)(q, kip, vip, heads).to(out.dtype)
+        kip, vip = _kv(ip, b, q.dtype)
+        out = add_branch(out, (ip_attention or attention)(q, kip, vip, heads), ip_scale)
     return attn.o(out)
 
 
@@ -147,19 +170,35 @@ def wan_block_forward(block, x: torch.Tensor, e: torch.Tensor, freqs, context: t
             raise ValueError("wan_block_forward needs an attention function (or a layout that has its own)")
         layout = DenseLayout(attention)
 
-    n1 = layout.modulate(_ln(x, eps), shift, scale).to(x.dtype)
+    n1 = _norm_modulate(layout, x, shift, scale, eps)
     if capture is not None:
         capture(n1)
     y = self_attention(block.self_attn, n1, freqs, rope, layout.attention("self"), ad.ref, ad.ref_scale,
                        ref_attention=layout.attention("ref"))
-    x = (x.float() + layout.gate(y.float(), gate)).to(x.dtype)
+    # A new tensor: from here on the block owns x and may update it in place (outside autograd).
+    x = _gated_residual(layout, x, y, gate, inplace=False)
 
     # Calling norm3 in the run dtype lets ComfyUI's ops cast the affine weights; torch's kernels
     # accumulate LayerNorm in fp32 either way.
     n2 = block.norm3(x)
-    x = x + cross_attention(block.cross_attn, n2, context, layout.attention("text"), ad.ip, ad.ip_scale,
-                            ip_attention=layout.attention("ip")).to(x.dtype)
+    ca = cross_attention(block.cross_attn, n2, context, layout.attention("text"), ad.ip, ad.ip_scale,
+                         ip_attention=layout.attention("ip")).to(x.dtype)
+    x = x + ca if tracks_grad(x, ca) else x.add_(ca)
 
-    n3 = layout.modulate(_ln(x, eps), c_shift, c_scale).to(x.dtype)
+    n3 = _norm_modulate(layout, x, c_shift, c_scale, eps)
     y = block.ffn(n3)
-    return (x.float() + layout.gate(y.float(), c_gate)).to(x.dtype)
+    return _gated_residual(layout, x, y, c_gate, inplace=True)
+
+
+def _norm_modulate(layout, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    fused = getattr(layout, "norm_modulate", None)
+    if fused is not None:
+        return fused(x, shift, scale, eps)
+    return layout.modulate(_ln(x, eps), shift, scale).to(x.dtype)
+
+
+def _gated_residual(layout, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: bool) -> torch.Tensor:
+    fused = getattr(layout, "gated_residual", None)
+    if fused is not None:
+        return fused(x, y, gate, inplace)
+    return (x.float() + layout.gate(y.float(), gate)).to(x.dtype)

@@ -11,6 +11,7 @@ from .loaders import LoadLynxAdapters
 from .reference import LynxEncodeReference
 from .sampling import LynxGuider, LynxSampler
 from .training import LynxSaveAdapters, LynxTrainAdapters, LynxTrainingDataset
+from .unipc import LynxUniPCSampler
 from .video import LynxVideoCombine
 
 NODE_CLASS_MAPPINGS = {
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "LynxEncodeReference": LynxEncodeReference,
     "LynxSampler": LynxSampler,
     "LynxGuider": LynxGuider,
+    "LynxUniPCSampler": LynxUniPCSampler,
     "LynxVideoCombine": LynxVideoCombine,
     "LynxFaceSimilarity": LynxFaceSimilarity,
     "LynxTrainingDataset": LynxTrainingDataset,
@@ -32,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LynxEncodeReference": "Lynx Encode Reference",
     "LynxSampler": "Lynx Sampler",
     "LynxGuider": "Lynx Guider",
+    "LynxUniPCSampler": "Lynx UniPC Sampler (official)",
     "LynxVideoCombine": "Lynx Video Combine",
     "LynxFaceSimilarity": "Lynx Face Similarity",
     "LynxTrainingDataset": "Lynx Training Dataset",

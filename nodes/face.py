@@ -157,19 +157,14 @@ def save_temp_previews(previews: list[np.ndarray], prefix: str = "lynx_face") ->
 
 
 def cosine_per_frame(analyzer, frames: np.ndarray, reference: torch.Tensor) -> list[float | None]:
-    """ArcFace cosine similarity of the largest face in each frame to ``reference`` (None: no face)."""
-    ref = reference.detach().float().cpu().reshape(-1)
-    ref = ref / ref.norm().clamp_min(1e-12)
-    scores: list[float | None] = []
-    for frame in frames:
-        comfy_env.throw_if_interrupted()
-        ident = analyzer.encode(frame[None], select="largest", on_no_face="skip", warn_skipped=False)
-        if ident.embedding is None:
-            scores.append(None)
-            continue
-        emb = ident.embedding.detach().float().cpu().reshape(-1)
-        scores.append(float(torch.dot(emb / emb.norm().clamp_min(1e-12), ref)))
-    missing = [i for i, s in enumerate(scores) if s is None]
+    """ArcFace cosine similarity of the largest face in each frame to ``reference`` (None: no face).
+
+    The scoring itself is lynx_core's (the study scorer of lynx_batch runs the same function).
+    """
+    from lynx_core.face.similarity import cosine_per_frame as core_cosine_per_frame, missing_frames
+
+    scores = core_cosine_per_frame(analyzer, frames, reference, cancel=comfy_env.throw_if_interrupted)
+    missing = missing_frames(scores)
     if missing:
         # One line per run: a video without faces would otherwise log the same advice for every frame.
         shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")

@@ -13,11 +13,13 @@ import logging
 import torch
 
 from lynx_core.block import wan_block_forward
+from lynx_core.block_i2v import ImageTextContext
 from lynx_core.reference import REFERENCE_PROMPT
 from lynx_core.seeds import reference_noise
 
 from .payloads import LYNX_ADAPTERS, LYNX_FACE, LYNX_REF, AdaptersHandle, ReferenceFeatures
-from .wan_patch import check_model_fits, comfy_attention, comfy_rope, wan_diffusion_model
+from .vace import reference_pass_kwargs
+from .wan_patch import check_model_fits, comfy_attention, comfy_rope, image_condition_channels, wan_diffusion_model
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +127,32 @@ class _CapturePatch:
             self.store[self.index] = n1.detach().to(self.keep_device)
 
         to = args.get("transformer_options", {}) or {}
-        out = wan_block_forward(self.blocks[self.index], args["img"], args["vec"], args["pe"], args["txt"],
+        block = self.blocks[self.index]
+        context = args["txt"]
+        if hasattr(block.cross_attn, "k_img"):
+            # Wan2.1-I2V: no image is given to the reference pass, so its image branch is left out
+            # (docs/sampling.md, "Image-to-video").
+            context = ImageTextContext(text=context, image=None)
+        out = wan_block_forward(block, args["img"], args["vec"], args["pe"], context,
                                 rope=comfy_rope, attention=comfy_attention(to), capture=keep)
         return {"img": out}
+
+
+def without_weight_patches(model_patcher):
+    """A clone of the MODEL without the weight patches applied to it (LoRA loaders, model merges), so
+    a pass on it runs the frozen base weights; the MODEL itself is returned when it has none.
+
+    The clone shares the base model; ComfyUI restores the base weights when it loads the clone (and
+    puts the patches back when the patched MODEL is loaded for sampling), as for two LoRA chains
+    that share one checkpoint."""
+    import uuid
+
+    if not getattr(model_patcher, "patches", None):
+        return model_patcher
+    clone = model_patcher.clone()
+    clone.patches = {}
+    clone.patches_uuid = uuid.uuid4()
+    return clone
 
 
 def reference_pass(model, latent: torch.Tensor, context: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -145,9 +170,14 @@ def reference_pass(model, latent: torch.Tensor, context: torch.Tensor) -> dict[i
     device = clone.load_device
     x = latent.to(device)
     sigma = torch.zeros((x.shape[0],), device=device, dtype=torch.float32)
+    extra = image_condition_channels(dm)
+    # Image-to-video models take mask + image latent channels as well: zeros, ComfyUI's own feed
+    # when no image is given, so the features describe the face latent alone as on T2V.
+    c_concat = torch.zeros((x.shape[0], extra, *x.shape[2:]), device=device, dtype=x.dtype) if extra else None
     with torch.no_grad():
-        clone.model.apply_model(x, sigma, c_crossattn=context.to(device),
-                                transformer_options=clone.model_options["transformer_options"].copy())
+        clone.model.apply_model(x, sigma, c_concat=c_concat, c_crossattn=context.to(device),
+                                transformer_options=clone.model_options["transformer_options"].copy(),
+                                **reference_pass_kwargs(dm, x))  # VACE: a zero context at strength 0
     if len(store) != num_blocks:
         raise RuntimeError(f"reference pass captured {len(store)} of {num_blocks} blocks; another node pack may "
                            "replace the Wan blocks (patches_replace 'dit') of this model")
@@ -177,9 +207,16 @@ class LynxEncodeReference:
             "seed": ("INT", {"default": 42, "min": 0, "max": MAX_SEED,
                              "tooltip": "The VAE posterior noise uses seed + 1, as the official code; use the "
                                         "sampler's seed to reproduce the official run."}),
+        }, "optional": {
+            "reference_loras": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Off (default): the reference pass runs on the model without "
+                                                       "the LoRAs (weight patches) applied to it, because the "
+                                                       "Ref-adapter was trained on features of the frozen base Wan; "
+                                                       "the sampler still uses the LoRAs. On: the reference features "
+                                                       "come from the model as connected, LoRAs included."}),
         }}
 
-    def encode(self, model, vae, clip, face, adapters, seed):
+    def encode(self, model, vae, clip, face, adapters, seed, reference_loras=False):
         if not isinstance(adapters, AdaptersHandle):
             raise TypeError("adapters: connect the output of Load Lynx Adapters")
         _dm, dim, num_blocks = check_model_fits(model, adapters.adapters)
@@ -205,9 +242,10 @@ class LynxEncodeReference:
         grey = torch.full_like(pixels, 0.5)  # 0 in the VAE's [-1, 1] range: the official uncond image
         latent_format = model.get_model_object("latent_format")
         context = encode_text(clip, REFERENCE_PROMPT)
+        ref_model = model if reference_loras else without_weight_patches(model)
         feats = []
         for px in (pixels, grey):
             z = latent_format.process_in(vae_posterior_sample(vae, px, int(seed)))
-            feats.append(reference_pass(model, z, context))
+            feats.append(reference_pass(ref_model, z, context))
         return (ReferenceFeatures(cond=feats[0], uncond=feats[1], dim=dim, num_blocks=num_blocks, seed=int(seed),
                                   face_embedding=face.embedding.detach().float().cpu().reshape(-1).clone()),)

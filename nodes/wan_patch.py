@@ -26,8 +26,12 @@ from typing import Sequence
 import torch
 
 from lynx_core.block import wan_block_forward
+from lynx_core.controls import step_at_sigma
+from lynx_core.block_i2v import split_context
 from lynx_core.guidance import adapter_window_active_sigma, validate_window
 from lynx_core.lynx import COND, IDENTITIES, LynxPatch
+
+from .vace import WRAPPER_KEY as VACE_WRAPPER_KEY, VaceRefFrames, is_vace_model, vace_frames_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,20 @@ PATCH_KEY = "lynx"
 
 
 class WanModelError(ValueError):
-    """The MODEL input is not a Wan T2V model these adapters can patch."""
+    """The MODEL input is not a Wan DiT these adapters can patch."""
+
+
+def image_condition_channels(dm) -> int:
+    """Input channels beyond the latent's: 20 (4 mask + 16 image latent) on Wan2.1/2.2 I2V, 0 on T2V."""
+    in_ch = getattr(getattr(dm, "patch_embedding", None), "in_channels", None)
+    out_ch = getattr(dm, "out_dim", None)
+    return max(0, int(in_ch) - int(out_ch)) if in_ch is not None and out_ch is not None else 0
+
+
+def has_image_tokens(dm) -> bool:
+    """Wan2.1-I2V / FLF2V: the blocks attend CLIP image tokens put in front of the text context."""
+    blocks = getattr(dm, "blocks", None)
+    return bool(blocks) and hasattr(blocks[0].cross_attn, "k_img")
 
 
 def wan_diffusion_model(model_patcher, input_name: str = "model"):
@@ -51,18 +68,11 @@ def wan_diffusion_model(model_patcher, input_name: str = "model"):
         kind = type(dm).__name__ if dm is not None else type(model_patcher).__name__
         raise WanModelError(
             f"{input_name}: this is a {kind}, not a Wan2.1/Wan2.2 DiT. Load Wan2.1-T2V-14B (or a Wan2.2-A14B "
-            "T2V expert) with a diffusion-model loader (Load Diffusion Model, a GGUF loader, ...) and connect it here.")
-    # Wan2.1 I2V has an image embedder; Wan2.2-I2V-A14B has none but takes 36 input channels
-    # (noise + image latent + mask) for 16 output channels, as do the Fun/camera variants.
-    in_ch = getattr(getattr(dm, "patch_embedding", None), "in_channels", None)
-    out_ch = getattr(dm, "out_dim", None)
-    image_conditioned = in_ch is not None and out_ch is not None and int(in_ch) != int(out_ch)
-    if getattr(dm, "img_emb", None) is not None or hasattr(blocks[0].cross_attn, "k_img") or image_conditioned:
-        raise WanModelError(
-            f"{input_name}: this is a Wan image-to-video (image-conditioned) model; Lynx is trained on the "
-            "text-to-video Wan2.1-T2V-14B. Load the T2V model (or a Wan2.2-A14B T2V expert) instead.")
-    if getattr(dm, "vace_blocks", None) is not None:
-        log.warning("%s: a VACE Wan model; Lynx patches its main blocks only", input_name)
+            "expert, or a Wan 14B image-to-video model) with a diffusion-model loader (Load Diffusion Model, a "
+            "GGUF loader, ...) and connect it here.")
+    # Image-to-video models (Wan2.1-I2V-14B with its image embedder, Wan2.2-I2V-A14B with only the
+    # 36 input channels) are patched like T2V ones; check_model_fits refuses other widths/depths.
+    # VACE models (Wan2.1-VACE-14B, Wan2.2 VACE-Fun) are patched on their main blocks; see nodes/vace.py.
     dim = int(getattr(dm, "dim", 0) or blocks[0].modulation.shape[-1])
     return dm, dim, len(blocks)
 
@@ -128,6 +138,17 @@ class LynxRunState:
     swapper: object | None = None
     # Bytes of the adapter keys/values precomputed for this run (kept out of the swap plan's budget).
     kv_bytes: int = 0
+    # The step of the current model call, (index, total) from transformer_options["sample_sigmas"]
+    # (None when ComfyUI does not say); per-step schedules read it. The float list of the last
+    # sigma tensor seen is kept, so the tensor is read back once per run, not once per call.
+    step: tuple[int, int] | None = None
+    _sigma_list: tuple[object, list[float]] | None = field(default=None, repr=False)
+    # Wan2.1-I2V: CLIP image tokens leading the context of the current model call (ComfyUI's
+    # context_img_len; None without a CLIP vision embedding), set by _image_tokens_wrapper.
+    image_tokens: int | None = None
+    # VACE models: the reference-image frames of the current model call (nodes/vace.py), whose
+    # tokens the Ref-adapter skips; None on other models.
+    vace: VaceRefFrames | None = None
 
     def __post_init__(self) -> None:
         self.start_percent, self.end_percent = validate_window(self.start_percent, self.end_percent)
@@ -147,11 +168,23 @@ class LynxRunState:
             out += [ident] * per_chunk
         return out[:rows] if len(out) >= rows else out + [out[-1]] * (rows - len(out))
 
+    def step_at(self, sigma: float, sample_sigmas: torch.Tensor | None) -> tuple[int, int] | None:
+        """(step index, steps) of a model call at ``sigma`` of the run's ``sample_sigmas``."""
+        if sample_sigmas is None or len(sample_sigmas) < 2:
+            return None
+        if self._sigma_list is None or self._sigma_list[0] is not sample_sigmas:
+            self._sigma_list = (sample_sigmas, [float(v) for v in sample_sigmas])
+        s = self._sigma_list[1]
+        return step_at_sigma(sigma, s), len(s) - 1
+
     def update_window(self, sigma: float, sample_sigmas: torch.Tensor | None) -> bool:
         """Switch the adapters on/off for the model call at ``sigma`` (step semantics of the spec:
-        on for steps k with start ≤ k/N < end, mapped to the schedule's sigmas)."""
+        on for steps k with start ≤ k/N < end, mapped to the schedule's sigmas), and record the
+        step for the per-step schedules (``self.step``, and the patch's scale schedules)."""
+        self.step = self.step_at(sigma, sample_sigmas)
         if self.patch is None:
             return False
+        self.patch.set_step(*(self.step or (None, None)))
         if self.start_percent <= 0.0 and self.end_percent >= 1.0:
             active = True
         elif sample_sigmas is None or len(sample_sigmas) < 2:
@@ -232,9 +265,12 @@ class LynxRunState:
         """Drop per-generation caches (cached adapter keys/values); called in ``finally``."""
         self.detach_swap()
         self.kv_bytes = 0
+        self.step, self._sigma_list = None, None
         if self.patch is not None:
             self.patch.release()
             self.patch.active = True
+        if self.vace is not None:
+            self.vace.reset()
 
 
 class LynxBlockPatch:
@@ -263,14 +299,29 @@ class LynxBlockPatch:
         inputs = lp.block_inputs(self.index, block, rows, device=x.device, dtype=x.dtype)
         if inputs is None:
             return extra["original_block"](args)
-        out = wan_block_forward(block, x, args["vec"], args["pe"], args["txt"], rope=comfy_rope,
-                                attention=comfy_attention(to), adapters=inputs)
+        context = args["txt"]
+        if hasattr(block.cross_attn, "k_img"):
+            context = split_context(context, st.image_tokens)
+        attention = comfy_attention(to)
+        layout = st.vace.layout(x, attention) if st.vace is not None and inputs.ref is not None else None
+        out = wan_block_forward(block, x, args["vec"], args["pe"], context, rope=comfy_rope,
+                                attention=attention, adapters=inputs, layout=layout)
         return {"img": out}
 
 
 def _timestep_wrapper(state: LynxRunState):
     def wrapper(executor, x, timestep, *args, **kwargs):
         return executor(x, state.official_timestep(timestep), *args, **kwargs)
+
+    return wrapper
+
+
+def _image_tokens_wrapper(state: LynxRunState):
+    """Records ComfyUI's ``context_img_len`` (``clip_fea.shape[-2]``) for the block patches, which
+    only see the concatenated context."""
+    def wrapper(executor, x, timestep, context=None, clip_fea=None, *args, **kwargs):
+        state.image_tokens = None if clip_fea is None else int(clip_fea.shape[-2])
+        return executor(x, timestep, context, clip_fea, *args, **kwargs)
 
     return wrapper
 
@@ -289,4 +340,11 @@ def patch_model(model_patcher, state: LynxRunState, official_timesteps: bool = F
     if official_timesteps:
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
                                    _timestep_wrapper(state))
+    if has_image_tokens(dm):
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
+                                   _image_tokens_wrapper(state))
+    if is_vace_model(dm):
+        state.vace = VaceRefFrames()
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, VACE_WRAPPER_KEY,
+                                   vace_frames_wrapper(state.vace))
     return clone

@@ -117,6 +117,12 @@ class WanModel(nn.Module):
     # -- pieces, public so the reference pass, block swap and training can reuse them --------------
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
         """Patchify and embed. Returns (tokens, grid, e [B,6,dim] fp32, temb, context, freqs)."""
+        tokens, grid, e, temb, freqs = self.embed_latents(x, timestep)
+        return tokens, grid, e, temb, self.embed_text(context), freqs
+
+    def embed_latents(self, x: torch.Tensor, timestep: torch.Tensor):
+        """The latent half of :meth:`embed`: (tokens, grid, e, temb, freqs); freqs is a cached,
+        shared RoPE table (see :func:`lynx_core.wan.rope.rope_freqs`)."""
         cfg = self.config
         dtype = self.patch_embedding.weight.dtype
         x = self.patch_embedding(x.to(dtype))
@@ -128,9 +134,13 @@ class WanModel(nn.Module):
         temb_dtype = self.time_embedding[0].weight.dtype
         temb = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, timestep).to(temb_dtype))
         e = self.time_projection(temb).unflatten(1, (6, cfg.dim)).float()
-        ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
         freqs = rope_freqs(grid, cfg.head_dim, device=tokens.device)
-        return tokens, grid, e, temb, ctx, freqs
+        return tokens, grid, e, temb, freqs
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Text embeddings [B, L, text_dim] -> [B, L, dim], as given (no padding: the caller's text
+        encoder zero-pads to ``config.text_len`` as the official pipeline does)."""
+        return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         b = x.shape[0]

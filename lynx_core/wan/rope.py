@@ -2,8 +2,14 @@
 
 Training asks for ``dtype=torch.float32``: the rotation then runs in complex64, which halves what
 autograd keeps per rotated tensor; the angles are still computed in float64 and rounded once.
+
+Tables are cached per (grid, head_dim, theta, max_pos, device, dtype): every pass of every step
+asks for the same one, and building it on the host and copying it from pageable memory each time
+stalls the device. A cached table is shared, so callers must not modify it in place.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -23,15 +29,52 @@ def _axis_table(max_pos: int, dim: int, theta: float) -> torch.Tensor:
 _COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}
 
 
+# A few grids at most are live in one process (a generation, its reference pass, a training
+# bucket or two); 14B at 480x832x81 is a 34 MB complex128 table.
+_CACHE_SIZE = 8
+_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+def clear_rope_cache() -> None:
+    """Drop every cached table (frees their device memory)."""
+    _cache.clear()
+
+
+def rope_cache_size() -> int:
+    return len(_cache)
+
+
 def rope_freqs(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0,
                max_pos: int = 1024, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Complex table [F*H*W, head_dim/2] for tokens ordered f-major, then h, then w.
+    """Complex table [F*H*W, head_dim/2] for tokens ordered f-major, then h, then w (cached, shared).
 
     ``dtype`` is the real precision of the rotation: float64 (complex128, the inference default)
     or float32 (complex64, for training).
     """
     if dtype not in _COMPLEX:
         raise ValueError(f"rope_freqs dtype must be torch.float64 or torch.float32, got {dtype}")
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (tuple(int(g) for g in grid), int(head_dim), float(theta), int(max_pos), dev, dtype)
+    table = _cache.get(key)
+    if table is not None:
+        _cache.move_to_end(key)
+        return table
+    table = _host_table(key[0], head_dim, theta, max_pos, _COMPLEX[dtype])
+    if dev.type != "cpu":
+        # Pinned source: the one copy per key is a real async DMA, not a staged pageable copy.
+        if dev.type == "cuda":
+            table = table.pin_memory()
+        table = table.to(dev, non_blocking=dev.type == "cuda")
+    _cache[key] = table
+    while len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return table
+
+
+def _host_table(grid, head_dim: int, theta: float, max_pos: int, complex_dtype: torch.dtype) -> torch.Tensor:
+    # Built on the host in float64 as the reference does, so the values do not depend on the device.
     f, h, w = grid
     dt, dh, dw = axis_dims(head_dim)
     tf, th, tw = (_axis_table(max_pos, d, theta) for d in (dt, dh, dw))
@@ -40,7 +83,7 @@ def rope_freqs(grid: tuple[int, int, int], head_dim: int, device=None, theta: fl
         th[:h].view(1, h, 1, -1).expand(f, h, w, -1),
         tw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
     ], dim=-1)
-    return table.reshape(f * h * w, -1).to(device=device, dtype=_COMPLEX[dtype])
+    return table.reshape(f * h * w, -1).to(dtype=complex_dtype).contiguous()
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
