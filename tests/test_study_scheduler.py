@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from lynx_batch.errors import PromptRejected, ServerGone
-from lynx_batch.study import studydir
 from lynx_batch.study.grid import make_jobs
 from lynx_batch.study.runner import RunOptions, StudyRunner
 from lynx_batch.study.scheduler import DOWN, UP, Scheduler

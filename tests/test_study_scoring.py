@@ -93,7 +93,7 @@ def build_study(root: Path, jobs: dict[str, tuple[str, str, list[np.ndarray]]], 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """One job: 5 frames (face, grey, other face, grey, face), scored every 2nd frame by both evaluators."""
+    """One job: 5 frames (face, grey, other face, grey, face); frames 0 and 2 are scored by both evaluators."""
     root = tmp_path_factory.mktemp("study")
     models = root / "models"
     pack = models / "insightface" / "models" / "buffalo_l"
@@ -108,7 +108,7 @@ def scored(tmp_path_factory):
     other = _frame_of(astronaut())
     frames = [face, grey, other, grey, np.ascontiguousarray(face[:, ::-1])]
     study_dir = build_study(root, {"s00-eileen": ("s00", "eileen", frames)},
-                            {"detector": "mtcnn", "frame_stride": 2, "models_dirs": [str(models)]})
+                            {"detector": "mtcnn", "frame_stride": 2, "max_frames": 2, "models_dirs": [str(models)]})
     logs: list[str] = []
     scoring.score_study(study_dir, log=logs.append)
     return study_dir, models, logs
@@ -131,11 +131,11 @@ def test_score_file_counts_frames_and_missing_faces(scored):
     assert data["format"] == scoring.SCORE_FORMAT and data["job_id"] == "s00-eileen"
     (video,) = data["videos"]
     assert video["path"] == "videos/s00-eileen/clip.mp4" and len(video["sha256"]) == 64
-    assert video["frames_decoded"] == 5
+    assert video["frames_decoded"] == 3  # decoding stops after the last frame scored
     assert set(video["scores"]) == {"facexlib_arcface", "insightface"}, logs
     for name, s in video["scores"].items():
-        assert s["frame_indices"] == [0, 2, 4]  # frame_stride 2: the grey frames 1 and 3 are not scored
-        assert s["frames_total"] == 3
+        assert s["frame_indices"] == [0, 2]  # frame_stride 2, max_frames 2: the grey frame 1 is not scored
+        assert s["frames_total"] == 2
         # frame 2 is the astronaut: a face, so nothing is missing here
         assert s["frames_no_face"] == 0 and all(v is not None for v in s["per_frame"]), name
         valid = [v for v in s["per_frame"]]
@@ -149,7 +149,7 @@ def test_score_file_counts_frames_and_missing_faces(scored):
     assert info["insightface"]["input_mean"] == 127.5 and info["insightface"]["input_std"] == 127.5
     for i in info.values():
         assert len(i["model_sha256"]) == 64 and i["version"] and i["detector"] == "mtcnn"
-        assert i["frame_stride"] == 2 and i["max_frames"] == 0
+        assert i["frame_stride"] == 2 and i["max_frames"] == 2
 
 
 def test_no_face_frames_are_null_and_counted(tmp_path, quick):
@@ -173,13 +173,13 @@ def test_facexlib_scores_equal_lynx_face_similarity(scored, monkeypatch):
     monkeypatch.setattr(comfy_env, "temp_directory", lambda: study_dir.parent / "temp")
     photo = torch.from_numpy(read_image(EXAMPLE_FACE).copy()).float().div(255.0)[None]
     face = LynxEncodeFaceID().encode(photo, "mtcnn", "largest", 0, "torch", "error")["result"][0]
-    idx, frames, _n = scoring.read_scored_frames(study_dir / "videos/s00-eileen/clip.mp4", 2, 0)
+    idx, frames, _n = scoring.read_scored_frames(study_dir / "videos/s00-eileen/clip.mp4", 2, 2)
     mean, per_frame, _plot = LynxFaceSimilarity().score(torch.from_numpy(frames).float().div(255.0), face, "mtcnn")
     s = _score(study_dir)["videos"][0]["scores"]["facexlib_arcface"]
     assert json.loads(per_frame) == s["per_frame"]
     assert mean == pytest.approx(s["mean"], abs=1e-9)
-    # and the numbers are not trivially equal: the three frames differ from each other
-    assert len({round(v, 4) for v in s["per_frame"]}) == 3
+    # and the numbers are not trivially equal: the two frames show other faces
+    assert len(s["per_frame"]) == 2 and abs(s["per_frame"][0] - s["per_frame"][1]) > 1e-3
 
 
 def test_insightface_scores_use_its_preprocessing(scored):
@@ -199,7 +199,7 @@ def test_insightface_scores_use_its_preprocessing(scored):
         return v / np.linalg.norm(v)
 
     ref = embed(read_image(EXAMPLE_FACE))
-    _idx, frames, _n = scoring.read_scored_frames(study_dir / "videos/s00-eileen/clip.mp4", 2, 0)
+    _idx, frames, _n = scoring.read_scored_frames(study_dir / "videos/s00-eileen/clip.mp4", 2, 2)
     expected = [float(embed(f) @ ref) for f in frames]
     s = _score(study_dir)["videos"][0]["scores"]["insightface"]
     assert s["per_frame"] == pytest.approx(expected, abs=2e-5)

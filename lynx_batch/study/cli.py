@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=stderr)
     try:
         return args._study(args, stdout, stderr)
-    except QueueError as e:
+    except (QueueError, ValueError) as e:  # scoring's own errors (a bad study folder) are ValueErrors
         stderr.write(f"error: {e}\n")
         return EXIT_NOT_STARTED
     except KeyboardInterrupt:
@@ -153,13 +153,17 @@ def _cmd_run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
 
 def _score_and_report(folder: Path, stdout: TextIO, stderr: TextIO) -> int:
-    try:
-        _h7("scoring", "score_study")(folder, log=_logger(stderr))
-        _print_paths(_h7("report", "write_report")(folder), stdout)
-    except Exception as e:  # noqa: BLE001  (every video is safe on disk: say how to score them later)
-        stderr.write(f"error: scoring or the report failed: {e}; the videos are all there: fix it and run "
-                     f"'python -m lynx_batch study score {folder}' then 'study report {folder}'\n")
-        return EXIT_FAILED
+    for step, module, name in (("scoring", "scoring", "score_study"), ("the report", "report", "write_report")):
+        try:
+            fn = _h7(module, name)
+            result = fn(folder, log=_logger(stderr)) if module == "scoring" else fn(folder)
+        except Exception as e:  # noqa: BLE001  (every video is safe on disk: say how to finish later)
+            stderr.write(f"error: {step} failed: {e}; the videos are all there: fix it, then run "
+                         f"'python -m lynx_batch study score {folder}' and 'python -m lynx_batch study report "
+                         f"{folder}'\n")
+            return EXIT_FAILED
+        if module == "report":
+            _print_paths(result, stdout)
     return EXIT_OK
 
 

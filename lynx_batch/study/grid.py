@@ -9,16 +9,16 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..errors import QueueError
 from ..inputs import Job
 from ..workflow import Targets, apply_job, nid_key
+from .errors import StudyError
 
 if TYPE_CHECKING:
     from .studyfile import PromptItem, Study, Subject
 
 
-class GridError(QueueError):
-    """A grid or settings entry is wrong; the message names it and the fix."""
+class GridError(StudyError):
+    """A grid, settings or node entry is wrong; the message names it and the fix."""
 
 
 @dataclass(frozen=True)

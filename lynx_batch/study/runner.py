@@ -17,7 +17,7 @@ from ..files import write_new_file
 from ..server_errors import format_prompt_error, history_error, is_workflow_error, output_files, was_interrupted
 from . import studydir
 from .grid import StudyJob, job_workflow, make_jobs, setting_inputs
-from .scheduler import DISABLED, DOWN, SUSPECT, UP, Scheduler
+from .scheduler import SUSPECT, UP, Scheduler
 from .studyfile import Study, StudyError, workflow_sha256
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_STARTED, EXIT_ALL_DEAD, EXIT_CTRL_C = 0, 1, 2, 3, 130
@@ -384,9 +384,8 @@ class StudyRunner:
         first = True
         while first or (self.sched.in_flight and self.clock() < deadline):
             for name, s in self.sched.servers.items():
-                if s.state in (DOWN, DISABLED) and not first:
-                    continue
-                if s.state in (DOWN, DISABLED) and not s.in_flight:
+                # Every server that may hold a prompt of ours, once; then those we still wait for.
+                if not (s.in_flight or (first and s.state in (UP, SUSPECT))):
                     continue
                 client = self.clients[name]
                 try:

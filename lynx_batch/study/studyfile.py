@@ -15,16 +15,13 @@ from ..errors import QueueError
 from ..inputs import IMAGE_SUFFIXES, load_prompts
 from ..textfile import read_text
 from ..workflow import Targets, load_workflow, locate_targets
+from .errors import StudyError
 from .grid import Setting, expand_settings, resolve_node
 
 KEYS = ("name", "workflow", "faces", "prompts", "seeds", "repeats", "grid", "settings", "evaluators",
         "face_node", "prompt_node", "negative_node")
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF  # ComfyUI's seed inputs take 64-bit unsigned values
 SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class StudyError(QueueError):
-    """The study file is wrong; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +117,12 @@ def load_study(path: Path) -> Study:
         return (base / Path(value).expanduser()).resolve()
 
     workflow_path = file_key("workflow", "the API-format workflow JSON, e.g. workflow = \"lynx_full_t2v_api.json\"")
-    workflow = load_workflow(workflow_path, "workflow")
+    try:
+        workflow = load_workflow(workflow_path, "workflow")
+    except StudyError:
+        raise
+    except QueueError as e:
+        raise StudyError(str(e)) from None
     subjects = _load_subjects(file_key("faces", "a folder of face photos, one subject per image"))
     prompts = _load_prompts(data.get("prompts"), base)
     seeds = _load_seeds(data.get("seeds"))
@@ -154,7 +156,8 @@ def load_study(path: Path) -> Study:
 
     evaluators = data.get("evaluators", {})
     if not isinstance(evaluators, dict):
-        raise StudyError("'evaluators' must be a table (e.g. [evaluators] facexlib = {}) ; it is passed to scoring")
+        raise StudyError("'evaluators' must be a table ([evaluators] with its keys below it); it is passed to scoring")
+    _check_evaluators(evaluators, base)
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
         raise StudyError(f"'name' must be a non-empty string (got {name!r})")
@@ -162,6 +165,18 @@ def load_study(path: Path) -> Study:
                  workflow_path=workflow_path, workflow=workflow, workflow_sha256=workflow_sha256(workflow),
                  targets=targets, settings=settings, subjects=subjects, prompts=prompts, seeds=seeds,
                  repeats=repeats, evaluators=evaluators)
+
+
+def _check_evaluators(table: dict[str, Any], base: Path) -> None:
+    """Scoring's own check of its table, now rather than after hours of videos."""
+    try:
+        from .evaluators import parse_config
+    except ImportError:
+        return  # scoring's packages (numpy...) are missing: `run --no-score` still works, scoring says why
+    try:
+        parse_config(table, base)
+    except ValueError as e:
+        raise StudyError(str(e)) from None
 
 
 def subject_id(stem: str) -> str:
@@ -193,7 +208,10 @@ def _load_subjects(folder: Path) -> list[Subject]:
 def _load_prompts(value: Any, base: Path) -> list[PromptItem]:
     if isinstance(value, str) and value.strip():
         path = (base / Path(value).expanduser()).resolve()
-        rows = load_prompts(path, "prompts")
+        try:
+            rows = load_prompts(path, "prompts")
+        except QueueError as e:
+            raise StudyError(str(e)) from None
         for row in rows:
             for column in ("seed", "face"):
                 if column in row:
