@@ -159,7 +159,7 @@ def reference_pass(model, latent: torch.Tensor, context: torch.Tensor) -> dict[i
     """Run the Wan model once at t = 0 and return every block's captured input [1, tokens, dim]."""
     import comfy.model_management as mm
 
-    dm, _dim, num_blocks = wan_diffusion_model(model)
+    dm, _dim, num_blocks = wan_diffusion_model(model, image_to_video=True)
     store: dict[int, torch.Tensor] = {}
     clone = model.clone()
     blocks = list(dm.blocks)

@@ -55,10 +55,11 @@ def has_image_tokens(dm) -> bool:
     return bool(blocks) and hasattr(blocks[0].cross_attn, "k_img")
 
 
-def wan_diffusion_model(model_patcher, input_name: str = "model"):
+def wan_diffusion_model(model_patcher, input_name: str = "model", image_to_video: bool = False):
     """The ComfyUI ``WanModel`` inside a MODEL, checked by module names and shapes.
 
-    Returns ``(diffusion_model, dim, num_blocks)``.
+    Image-conditioned models are refused unless ``image_to_video`` (the Lynx sampling and reference
+    paths handle them; training builds a T2V model). Returns ``(diffusion_model, dim, num_blocks)``.
     """
     base = getattr(model_patcher, "model", None)
     dm = getattr(base, "diffusion_model", None)
@@ -72,6 +73,11 @@ def wan_diffusion_model(model_patcher, input_name: str = "model"):
             "GGUF loader, ...) and connect it here.")
     # Image-to-video models (Wan2.1-I2V-14B with its image embedder, Wan2.2-I2V-A14B with only the
     # 36 input channels) are patched like T2V ones; check_model_fits refuses other widths/depths.
+    if not image_to_video and (image_condition_channels(dm) or has_image_tokens(dm)):
+        raise WanModelError(
+            f"{input_name}: this is a Wan image-to-video (image-conditioned) model; this node needs the "
+            "text-to-video Wan2.1-T2V-14B the adapters are trained on (Lynx Sampler and Lynx Guider run on "
+            "image-to-video models as well). Load the T2V model here.")
     # VACE models (Wan2.1-VACE-14B, Wan2.2 VACE-Fun) are patched on their main blocks; see nodes/vace.py.
     dim = int(getattr(dm, "dim", 0) or blocks[0].modulation.shape[-1])
     return dm, dim, len(blocks)
@@ -79,7 +85,7 @@ def wan_diffusion_model(model_patcher, input_name: str = "model"):
 
 def check_model_fits(model_patcher, adapters, input_name: str = "model"):
     """Refuse models whose width/depth differ from the adapters' (e.g. Wan 1.3B or 5B)."""
-    dm, dim, num_blocks = wan_diffusion_model(model_patcher, input_name)
+    dm, dim, num_blocks = wan_diffusion_model(model_patcher, input_name, image_to_video=True)
     adapters.check_fits(dim, num_blocks, model_name=f"'{input_name}' input")
     return dm, dim, num_blocks
 
@@ -190,7 +196,7 @@ class LynxRunState:
         elif sample_sigmas is None or len(sample_sigmas) < 2:
             active = self.start_percent <= 0.0 < self.end_percent
         else:
-            s = [float(v) for v in sample_sigmas]
+            s = self._sigma_list[1]  # read back once per run by step_at
             n = len(s) - 1
             k_start, k_end = math.ceil(self.start_percent * n - 1e-9), math.ceil(self.end_percent * n - 1e-9)
             if k_start >= min(k_end, n):
@@ -332,7 +338,7 @@ def patch_model(model_patcher, state: LynxRunState, official_timesteps: bool = F
     The adapters are deliberately not added as an additional model (see the module docstring)."""
     import comfy.patcher_extension
 
-    dm, _dim, num_blocks = wan_diffusion_model(model_patcher)
+    dm, _dim, num_blocks = wan_diffusion_model(model_patcher, image_to_video=True)
     clone = model_patcher.clone()
     state.blocks = list(dm.blocks)
     for i in range(num_blocks):

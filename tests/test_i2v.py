@@ -225,3 +225,37 @@ def test_image_to_video_model_of_another_width_is_refused():
     adapters = LynxAdapters.create("full", device="meta")  # the 14B adapters
     with pytest.raises(Exception, match=r"5120-wide 40-block Wan model .*'model' input is 64-wide with 4 blocks"):
         wp.check_model_fits(_patcher(dm), adapters)
+
+
+# ---------------- the image-to-video template ----------------
+def test_image_to_video_template_feeds_wan_image_to_video():
+    import json
+    from pathlib import Path
+
+    api = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "api" / "lynx_full_i2v_api.json").read_text())
+    by = lambda t: [k for k, n in api.items() if n["class_type"] == t]  # noqa: E731
+    (i2v,), (sampler,), (ref,), (enc,) = by("WanImageToVideo"), by("LynxSampler"), by("LynxEncodeReference"), \
+        by("CLIPVisionEncode")
+    si, wi = api[sampler]["inputs"], api[i2v]["inputs"]
+    # the sampler takes WanImageToVideo's conditioning and latent; its size is the official one
+    assert (si["positive"], si["negative"], si["latent_image"]) == ([i2v, 0], [i2v, 1], [i2v, 2])
+    assert (wi["width"], wi["height"], wi["length"], wi["batch_size"]) == (832, 480, 81, 1)
+    # the face photo is the identity, the first frame and the CLIP vision image
+    photo = api[si["face"][0]]["inputs"]["image"][0]
+    assert api[photo]["class_type"] == "LoadImage"
+    assert wi["start_image"] == [photo, 0] and api[enc]["inputs"]["image"] == [photo, 0]
+    assert wi["clip_vision_output"] == [enc, 0]
+    assert api[api[enc]["inputs"]["clip_vision"][0]]["inputs"]["clip_name"] == "clip_vision_h.safetensors"
+    # the same I2V model feeds the reference pass and the sampler; official sampler settings
+    unet = si["model"][0]
+    assert api[ref]["inputs"]["model"] == [unet, 0] and si["reference"] == [ref, 0]
+    assert api[unet]["inputs"]["unet_name"] == "wan2.1_i2v_480p_14B_bf16.safetensors"
+    assert (si["steps"], si["cfg"], si["cfg_id"], si["seed"], si["shift"]) == (50, 5.0, 2.0, 42, 3.0)
+    assert api[ref]["inputs"]["seed"] == si["seed"]
+
+
+def test_training_keeps_refusing_image_to_video_models():
+    """The trainer builds a T2V DiT from the MODEL's weights: the default check still refuses I2V."""
+    with pytest.raises(wp.WanModelError, match="model: .*image-to-video.*text-to-video Wan2.1-T2V-14B"):
+        wp.wan_diffusion_model(_patcher(i2v_model(image_tokens=False)))
+    assert wp.wan_diffusion_model(_patcher(i2v_model()), image_to_video=True)[1:] == (CFG.dim, CFG.num_layers)

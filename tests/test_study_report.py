@@ -211,3 +211,21 @@ def test_comparison_matches_by_values_when_labels_differ(tmp_path):
     assert {(r["setting_a"], r["setting_b"], r["matched_by"]) for r in data["rows"]} == {
         ("s00", "s00", "values"), ("s01", "s01", "values")}
     assert all(r["diff"] == pytest.approx(0.0) for r in data["rows"] if r["diff"] is not None)
+
+
+def test_report_needs_no_torch(study):
+    """The report and the comparison run where torch is missing (only numpy, Pillow and PyAV)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from lynx_batch.study.report import write_report\n"
+            "from lynx_batch.study.compare import write_comparison\n"
+            f"p = write_report({str(study)!r})\n"
+            f"write_comparison({str(study)!r}, {str(study)!r}, {str(study / 'cmp')!r})\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((study / "report" / "report_assets").glob("*.jpg"))) == 6
+    assert (study / "cmp" / "comparison.html").is_file()

@@ -471,3 +471,25 @@ def test_study_folder_lock_refuses_a_second_run(tmp_path, world):
     # a lock left by a dead process is taken over
     assert runner(world, make_study(tmp_path), out, [FakeServer(world, "http://b:1")]).run().done == 12
     assert not (out / ".lock").exists() and os.getpid()
+
+
+def test_command_line_errors_exit_2_with_the_fix(tmp_path):
+    import io
+    import socket
+
+    from lynx_batch.__main__ import main
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["study", "run", str(make_study(tmp_path)), "--out", str(tmp_path / "s"), "--server",
+                 f"127.0.0.1:{port}", "--no-score"], out, err)
+    assert code == 2 and f"error: no server answers: http://127.0.0.1:{port}: cannot reach" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["study", "score", str(tmp_path)], out, err) == 2
+    assert "is not a study folder (no study.json)" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["study", "run", str(tmp_path / "study.toml"), "--out", str(tmp_path / "s"), "--server", "a:1",
+                 "--server", "a:1"], out, err) == 2
+    assert "a server is given twice" in err.getvalue()

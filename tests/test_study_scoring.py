@@ -288,3 +288,21 @@ def test_asked_for_insightface_without_a_model_is_an_error(tmp_path):
                        tmp_path)
     with pytest.raises(EvaluatorError, match="insightface is asked for.*antelopev2"):
         build_evaluators(cfg, log=lambda m: None)
+
+
+def test_report_of_a_scored_study(scored):
+    """The report reads what scoring wrote: both evaluators apart, with the scores' numbers and a contact sheet."""
+    import csv
+
+    from lynx_batch.study.report import write_report
+
+    study_dir, _models, _logs = scored
+    paths = write_report(study_dir)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    s = _score(study_dir)["videos"][0]["scores"]
+    assert {r["evaluator"]: float(r["mean"]) for r in rows} == pytest.approx(
+        {name: v["mean"] for name, v in s.items()}, abs=1e-12)
+    assert {r["frames_total"] for r in rows} == {"2"}
+    (sheet,) = (study_dir / "report" / "report_assets").glob("*.jpg")
+    assert f'src="report_assets/{sheet.name}"' in paths["html"].read_text()

@@ -132,6 +132,9 @@ TEMPLATES = {
     "Lynx Lite (ID adapter only), photo to video.json": "lynx_lite_t2v_api.json",
     "Lynx Train the adapters on a dataset.json": "lynx_train_api.json",
     "Lynx Train then generate, photo to video.json": "lynx_train_then_t2v_api.json",
+    "Lynx Full (ID and Ref adapters), image to video.json": "lynx_full_i2v_api.json",
+    "Lynx Full (ID and Ref adapters), VACE reference to video.json": "lynx_full_vace_api.json",
+    "Lynx Full (ID and Ref adapters), long video, context windows.json": "lynx_full_long_context_api.json",
 }
 ARCFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"
 LYNX_HF = "https://huggingface.co/ByteDance/lynx/resolve/main/"
@@ -483,3 +486,24 @@ def test_official_defaults(variant, frames, fps, two_pass):
     face = api[si["face"][0]]
     assert face["class_type"] == "LynxEncodeFaceID"
     assert api[face["inputs"]["image"][0]]["class_type"] == "LoadImage"
+
+
+def test_vace_and_long_video_templates_are_wired_as_documented():
+    """Lynx + VACE: the sampler takes WanVaceToVideo's conds and latent, the reference image is
+    connected and its one latent frame is trimmed before decoding. Long video: the sampler's model
+    comes through WAN Context Windows, and the video is longer than one window."""
+    vace = _load(WORKFLOWS / "api" / "lynx_full_vace_api.json")
+    (sampler,), (to_video,), (trim,) = (_by_type(vace, t) for t in ("LynxSampler", "WanVaceToVideo", "TrimVideoLatent"))
+    si = sampler["inputs"]
+    vace_id = next(k for k, n in vace.items() if n is to_video)
+    assert (si["positive"], si["negative"], si["latent_image"]) == ([vace_id, 0], [vace_id, 1], [vace_id, 2])
+    assert "reference_image" in to_video["inputs"] and trim["inputs"] == {"samples": [next(
+        k for k, n in vace.items() if n is sampler), 0], "trim_amount": 1}
+    assert vace[_by_type(vace, "VAEDecode")[0]["inputs"]["samples"][0]] is trim
+    assert _by_type(vace, "UNETLoader")[0]["inputs"]["unet_name"] == "wan2.1_vace_14B_fp16.safetensors"
+
+    long = _load(WORKFLOWS / "api" / "lynx_full_long_context_api.json")
+    (sampler,), (windows,), (latent,) = (_by_type(long, t) for t in ("LynxSampler", "WanContextWindowsManual",
+                                                                     "EmptyHunyuanLatentVideo"))
+    assert long[sampler["inputs"]["model"][0]] is windows
+    assert latent["inputs"]["length"] > windows["inputs"]["context_length"] > windows["inputs"]["context_overlap"]

@@ -313,7 +313,7 @@ def table(table_id: str, columns: Sequence[tuple[str, str]], rows: Iterable[dict
                 continue
             v = r.get(k)
             cls = ' class="num"' if k in numeric else ""
-            shown = pct(v) if k.endswith("_rate") else fmt(v)
+            shown = pct(v) if "_rate" in k else fmt(v)
             tds.append(f'<td{cls} data-v="{esc("" if v is None else v)}">{esc(shown)}</td>')
         cls = ' class="bad"' if bad and bad(r) else ""
         body.append(f"<tr{cls}>" + "".join(tds) + "</tr>")
@@ -431,8 +431,10 @@ def _sheet_section(report: dict[str, Any], sheets: dict[tuple[str, str], dict[st
                 f'<span class="{"noface" if by_frame.get(i) is None else ""}">#{i}: '
                 f'{esc("no face" if by_frame.get(i) is None else fmt(by_frame[i], 3))}</span>'
                 for i in sheet["frames"])
-            body = (f'<img loading="lazy" src="{esc(sheet["src"])}" width="{sheet["width"]}" height="{sheet["height"]}" '
-                    f'alt="frames of {esc(job_id)}"><div class="frames">{caps}</div>')
+            # The captions share the strip's width, so each sits under its frame.
+            body = (f'<div style="width:{sheet["width"]}px;max-width:100%"><img loading="lazy" src="{esc(sheet["src"])}" '
+                    f'width="{sheet["width"]}" height="{sheet["height"]}" alt="frames of {esc(job_id)}">'
+                    f'<div class="frames">{caps}</div></div>')
         else:
             body = f'<p class="noface">{esc(sheet.get("error", "no frames"))}</p>'
         items.append(f'<div class="clip"><div>{head}</div>{body}</div>')

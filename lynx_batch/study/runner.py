@@ -138,7 +138,7 @@ class StudyRunner:
         self._line(f"study '{self.study.name}': {len(self.jobs)} jobs, {self.skipped} done earlier"
                    + (f", {self.failed_before} failed earlier (not retried: --no-retry-failed)"
                       if self.failed_before else "") + f", {len(todo)} to run on {len(self.clients)} server(s)")
-        stopped, all_dead = None, False
+        all_dead = False
         if todo:
             self._check_servers()
         try:
@@ -160,6 +160,11 @@ class StudyRunner:
                     self.ctrl_c += 1
                     if self.ctrl_c > 1:
                         break  # Ctrl-C again while waiting for the servers: stop waiting
+                except OSError as e:  # the study folder cannot be written (disk full...): stop sending
+                    self._abandon()
+                    raise StudyError(f"--out: cannot write into {self.folder} ({e.strerror or e}); our prompts "
+                                     "were taken off the servers. Free some space and run the same command "
+                                     "again to resume") from None
         finally:
             outcome = self._outcome(all_dead)
             outcome.run_record = studydir.write_run_record(self.folder, self._run_record(started, outcome))
@@ -413,6 +418,19 @@ class StudyRunner:
             if self.sched.in_flight:
                 self.sleep(min(0.5, self.opts.poll_interval))
         self.sched.pending.clear()
+
+    def _abandon(self) -> None:
+        """One pass of taking our prompts off every server that answers, whatever else fails."""
+        for name, s in self.sched.servers.items():
+            try:
+                running, waiting = self.clients[name].queue_state(self.client_id)
+                self.clients[name].delete_queued(sorted(waiting))
+                for pid in sorted(running):
+                    self.clients[name].interrupt(pid)
+            except QueueError:
+                pass
+            for job_id in list(s.in_flight):
+                self.sched.not_sent(name, job_id)
 
     # -- records and progress -----------------------------------------------------------------
     def _record(self, job_id: str, server: str, pid: str | None, status: str, error: str | None,

@@ -22,10 +22,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 __all__ = ["SCORE_FORMAT", "score_study", "read_study", "read_jobs", "read_score", "scored_frame_indices",
-           "read_scored_frames", "video_paths", "atomic_write_json"]
+           "read_scored_frames", "decode_frames", "video_paths", "atomic_write_json"]
 
 SCORE_FORMAT = "lynx-study-scores/1"
 SCORES_DIR = "scores"
@@ -130,17 +130,42 @@ def scored_frame_indices(n_frames: int, frame_stride: int, max_frames: int) -> l
     return idx[:max_frames] if max_frames else idx
 
 
-def read_scored_frames(path: Path, frame_stride: int = 1, max_frames: int = 0):
-    """(source frame numbers, uint8 RGB frames [F, H, W, 3], frames decoded) of one video (PyAV, as lynx_core reads videos)."""
-    from lynx_core.train.media import read_frames
+def decode_frames(path: Path, limit: int | None = None):
+    """uint8 RGB [F, H, W, 3]: the first ``limit`` frames (all if None) of a video.
 
-    needed = (max_frames - 1) * frame_stride + 1 if max_frames else None
-    if Path(path).suffix.lower() == ".webp":
-        from lynx_core.video import read_video  # animated WebP (Pillow); media.read_frames takes it for a still
+    PyAV for mp4/webm/mkv/mov (the decode lynx_core.train.media does), Pillow for animated
+    gif/webp; decoding stops at ``limit``. Needs neither torch nor lynx_core, so the report can
+    make its contact sheet anywhere.
+    """
+    import numpy as np
 
-        frames = read_video(path)[:needed]
+    path = Path(path)
+    frames = []
+    if path.suffix.lower() in (".gif", ".webp"):
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as im:
+            for frame in ImageSequence.Iterator(im):
+                frames.append(np.asarray(frame.convert("RGB")))
+                if limit is not None and len(frames) >= limit:
+                    break
     else:
-        frames = read_frames(Path(path), needed)
+        import av
+
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if limit is not None and len(frames) >= limit:
+                    break
+    if not frames:
+        raise ValueError(f"{path} holds no video frames")
+    return np.stack(frames)
+
+
+def read_scored_frames(path: Path, frame_stride: int = 1, max_frames: int = 0):
+    """(source frame numbers, uint8 RGB frames [F, H, W, 3], frames decoded) of the frames one video is scored on."""
+    needed = (max_frames - 1) * frame_stride + 1 if max_frames else None
+    frames = decode_frames(path, needed)
     idx = scored_frame_indices(len(frames), frame_stride, max_frames)
     return idx, frames[idx], len(frames)
 
@@ -182,9 +207,13 @@ class _References:
             try:
                 self.cache[key] = evaluator.reference(self.photo(subject_id, face))
             except Exception as exc:
-                raise ValueError(f"subject {subject_id!r}: the identity photo {face} gives no reference for "
-                                 f"{evaluator.name}: {exc}") from exc
-        return self.cache[key]
+                # Kept, so the subject's other jobs fail at once instead of trying the photo again.
+                self.cache[key] = ValueError(f"subject {subject_id!r}: the identity photo {face} gives no "
+                                             f"reference for {evaluator.name}: {exc}")
+        value = self.cache[key]
+        if isinstance(value, ValueError):
+            raise value
+        return value
 
 
 def _score_job(study_dir: Path, job: dict[str, Any], videos: list[dict[str, str]], face: str, face_sha: str,
@@ -283,8 +312,3 @@ def score_study(study_dir: str | Path, *, log: Callable[[str], None] = print) ->
 
 def _fmt(value: float | None) -> str:
     return "no face" if value is None else f"{value:.4f}"
-
-
-def iter_score_files(study_dir: Path) -> Iterable[Path]:
-    folder = Path(study_dir) / SCORES_DIR
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []

@@ -99,3 +99,44 @@ def test_overlapping_windows_run_with_the_adapters(comfy_server):
     assert torch.isfinite(on).all()
     per_frame = (on - off).abs().amax(dim=(0, 1, 3, 4))
     assert per_frame.shape == (LATENT_FRAMES,) and float(per_frame.min()) > 1e-3, per_frame.tolist()
+
+
+def test_shipped_long_video_template_runs_on_tiny_models(comfy_server):
+    """workflows/api/lynx_full_long_context_api.json as shipped, on the tiny models, with windows
+    made small enough that the tiny latent still needs three of them."""
+    import json
+    from pathlib import Path
+
+    from lynx_core.video import probe
+
+    api = Path(__file__).resolve().parents[2] / "workflows" / "api" / "lynx_full_long_context_api.json"
+    wf = json.loads(api.read_text())
+    m = comfy_server.models
+    for node in wf.values():
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "UNETLoader":
+            inputs["unet_name"] = m["diffusion_model"]
+        elif ct == "VAELoader":
+            inputs["vae_name"] = m["vae"]
+        elif ct == "CLIPLoader":
+            node.update(comfy_server.clip_loader_node())
+        elif ct == "LoadLynxAdapters":
+            inputs["adapters"] = m["lynx_adapters"]
+        elif ct == "LoadImage":
+            inputs["image"] = m["face_image"]
+        elif ct == "LynxEncodeFaceID":
+            inputs["detector"] = "mtcnn"
+        elif ct == "EmptyHunyuanLatentVideo":
+            inputs.update(width=W, height=H, length=LENGTH)
+        elif ct == "WanContextWindowsManual":
+            inputs.update(context_length=9, context_overlap=4)
+        elif ct == "LynxSampler":
+            inputs["steps"] = 2
+        elif ct == "LynxVideoCombine":
+            inputs["filename_prefix"] = "cw_e2e/template"
+    entry = comfy_server.run(wf, timeout=600)
+    (combine,) = [k for k, n in wf.items() if n["class_type"] == "LynxVideoCombine"]
+    (video,) = entry["outputs"][combine]["videos"]
+    info = probe(comfy_server.output_dir / video["subfolder"] / video["filename"])
+    assert (info["width"], info["height"], info["frames"]) == (W, H, LENGTH)
+    assert "Using context windows 3 for 6 frames" in comfy_server.log_tail(100_000)

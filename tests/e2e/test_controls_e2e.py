@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-W, H, FRAMES, STEPS = 64, 48, 5, 3
+W, H, FRAMES, STEPS = 64, 48, 5, 2
 LORA_NAME = "lynx_e2e_tiny_lora.safetensors"
 
 
@@ -78,11 +78,11 @@ def test_controls_at_their_defaults_and_extremes(comfy_server):
         "today": _sampler(),
         "empty": _sampler(ip_blocks="", ref_blocks="", cfg_schedule="", cfg_id_schedule="", ip_scale_schedule="",
                           ref_scale_schedule=""),
-        "constants": _sampler(ip_blocks="0-1", ref_blocks="0, 1", cfg_schedule="5, 5, 5", cfg_id_schedule="0:2",
-                              ip_scale_schedule="1, 1, 1", ref_scale_schedule="0:1, 0.5:1"),
+        "constants": _sampler(ip_blocks="0-1", ref_blocks="0, 1", cfg_schedule="5, 5", cfg_id_schedule="0:2",
+                              ip_scale_schedule="1, 1", ref_scale_schedule="0:1, 0.5:1"),
         "no_blocks": _sampler(ip_blocks="none", ref_blocks="none"),
         "plain": _sampler(ip_scale=0.0, ref_scale=0.0),
-        "cfg_id_steps": _sampler(cfg_id_schedule="2, 2, 1"),
+        "cfg_id_steps": _sampler(cfg_id_schedule="2, 1"),
         "ip_block_1": _sampler(ip_blocks="1"),
     }, "controls")
     assert lat["today"].shape == (1, 16, 2, H // 8, W // 8)
@@ -143,17 +143,14 @@ def test_reference_loras(comfy_server):
     g["31"] = _reference(model=("1", 0))                                  # the model without the LoRA
     g["32"] = _reference(model=("30", 0))                                 # default: reference_loras off
     g["33"] = _reference(model=("30", 0), reference_loras=True)
-    g["34"] = _reference(model=("1", 0), reference_loras=True)            # nothing to remove: the same as 31
     lora = ("30", 0)
     lat = _run_and_load(comfy_server, g, {
         "base_ref": _sampler(reference=("31", 0), model=lora),
         "off": _sampler(reference=("32", 0), model=lora),
         "on": _sampler(reference=("33", 0), model=lora),
-        "base_ref_on": _sampler(reference=("34", 0), model=lora),
         "no_lora": _sampler(reference=("31", 0), model=("1", 0)),
     }, "reference_loras")
     assert torch.equal(lat["off"], lat["base_ref"])
-    assert torch.equal(lat["base_ref_on"], lat["base_ref"])
     assert not torch.equal(lat["on"], lat["base_ref"])
     # the sampler itself still runs with the LoRA (the reference pass left the MODEL as it was)
     assert not torch.equal(lat["no_lora"], lat["base_ref"])

@@ -93,6 +93,9 @@ def run(dtype, sampler_name=None):
     settings = GenerationSettings(seed=42, steps=steps, cfg=defaults["cfg"], cfg_id=defaults["cfg_id"],
                                   shift=defaults["shift"])
     alone = generate(wan, pos_ctx.to(dtype), neg_ctx.to(dtype), shape, settings, patch).float()
+    # ComfyUI's LATENT is in the VAE's space (the sampler's output goes through process_out); the
+    # standalone pipeline returns the model-space latent that the official code hands its VAE.
+    alone = latent_format.process_out(alone)
     return comfy_out, alone, ref_err
 
 c32, s32, ref32 = run(torch.float32)

@@ -20,7 +20,8 @@ from test_queue_e2e import TINY_LATENT, tiny_api
 
 ROOT = Path(__file__).resolve().parents[2]
 LITE_API = ROOT / "workflows" / "api" / "lynx_lite_t2v_api.json"
-CLI_TIMEOUT_S = 600
+CLI_TIMEOUT_S = 1800  # generous: the CPU may be shared; a job takes seconds on an idle one
+SIZE = 32  # frames of 32x32 (the queue tests use 64): 12 jobs must stay cheap on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +60,24 @@ def second_server(comfy_server, tmp_path_factory):
         log.close()
 
 
-def make_study(tmp: Path, server, prompts=("an astronaut smiles at the camera", "an astronaut waves")) -> Path:
+def make_study(tmp: Path, server, faces: int = 3,
+               prompts=("an astronaut smiles at the camera", "an astronaut waves")) -> Path:
+    """faces x prompts x 2 settings (ip_scale 0.5 and 1.0), seed 5; the faces are the fixture's photo,
+    mirrored and scaled (the tiny models' detector finds them all)."""
     from PIL import Image, ImageOps
 
-    (tmp / "wf.json").write_text(json.dumps(tiny_api(LITE_API, server.models, "lite")))
-    faces = tmp / "faces"
+    wf = tiny_api(LITE_API, server.models, "lite")
+    wf["9"]["inputs"].update(width=SIZE, height=SIZE)  # EmptyHunyuanLatentVideo
+    (tmp / "wf.json").write_text(json.dumps(wf))
+    faces_count, faces = faces, tmp / "faces"
     faces.mkdir()
     photo = Image.open(server.input_dir / server.models["face_image"]).convert("RGB")
     photo.save(faces / "ann.png")
     ImageOps.mirror(photo).save(faces / "ben.png")
     w, h = photo.size
     photo.resize((w * 3 // 4, h * 3 // 4)).save(faces / "cleo.jpg", quality=95)
+    for extra in sorted(faces.iterdir())[faces_count:]:
+        extra.unlink()
     path = tmp / "study.toml"
     path.write_text('name = "e2e"\nworkflow = "wf.json"\nfaces = "faces"\n'
                     f"prompts = {json.dumps(list(prompts))}\nseeds = [5]\n"
@@ -126,25 +134,26 @@ def test_study_over_two_servers_finishes_scores_and_reports(comfy_server, second
             assert frames(out / video) == TINY_LATENT["length"]
     assert "ETA" in proc.stderr and "[12/12]" in proc.stderr
     # scored at the end (every job), and reported
-    scores = sorted(p.stem for p in (out / "scores").glob("*.json"))
-    assert scores == sorted(recs)
+    scores = {p.stem for p in (out / "scores").glob("*.json")}
+    assert set(recs) <= scores, proc.stderr
 
 
 def test_ctrl_c_stops_everything_and_a_rerun_resumes(comfy_server, second_server, tmp_path):
-    study = make_study(tmp_path, comfy_server)
+    study = make_study(tmp_path, comfy_server, faces=3, prompts=("an astronaut smiles at the camera",))
     out = tmp_path / "out"
-    servers = ("--server", comfy_server.url, "--server", second_server.url, "--poll-interval", "0.3", "--no-score")
+    servers = ("--server", comfy_server.url, "--server", second_server.url, "--poll-interval", "0.3", "--no-score",
+               "--cancel-wait", "300")
     proc = subprocess.Popen(cli("run", str(study), "--out", str(out), *servers), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + CLI_TIMEOUT_S
-    while len(list((out / "jobs").glob("*.json"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    while len(list((out / "jobs").glob("*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout + stderr
     assert "stopped by Ctrl-C" in stderr
     first = records(out)
-    assert 3 <= len(first) < 12 and all(r["status"] == "done" for r in first.values())
+    assert 2 <= len(first) < 6 and all(r["status"] == "done" for r in first.values())
     # nothing of ours is left on either server
     assert our_queue(comfy_server) == [] and our_queue(second_server) == []
     stamps = {k: (out / "jobs" / f"{k}.json").stat().st_mtime_ns for k in first}
@@ -152,9 +161,9 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(comfy_server, second_server
     again = subprocess.run(cli("run", str(study), "--out", str(out), *servers), cwd=ROOT, capture_output=True,
                            text=True, timeout=CLI_TIMEOUT_S)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"12 done ({len(first)} in earlier runs)" in again.stdout
+    assert f"6 jobs: 6 done ({len(first)} in earlier runs)" in again.stdout
     recs = records(out)
-    assert len(recs) == 12 and all(r["status"] == "done" for r in recs.values())
+    assert len(recs) == 6 and all(r["status"] == "done" for r in recs.values())
     assert {k: (out / "jobs" / f"{k}.json").stat().st_mtime_ns for k in first} == stamps  # not redone
     run2 = json.loads((out / "runs" / "run_0001.json").read_text())
     assert sorted(run2["ended_this_run"]) == sorted(set(recs) - set(first))
@@ -163,7 +172,7 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(comfy_server, second_server
 
 
 def test_killing_one_server_mid_study_finishes_everything_on_the_other(comfy_server, second_server, tmp_path):
-    study = make_study(tmp_path, comfy_server)
+    study = make_study(tmp_path, comfy_server, faces=2, prompts=("an astronaut smiles at the camera",))
     out = tmp_path / "out"
     proc = subprocess.Popen(cli("run", str(study), "--out", str(out), "--server", comfy_server.url,
                                 "--server", second_server.url, "--poll-interval", "0.3", "--server-grace", "2",
@@ -180,12 +189,12 @@ def test_killing_one_server_mid_study_finishes_everything_on_the_other(comfy_ser
     stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, stdout + stderr
     recs = records(out)
-    assert len(recs) == 12 and all(r["status"] == "done" for r in recs.values())
+    assert len(recs) == 4 and all(r["status"] == "done" for r in recs.values())
     assert f"{e2e_name(second_server)} is down" in stderr
     run = json.loads((out / "runs" / "run.json").read_text())
     b = run["servers"][second_server.url]
     assert b["state"] == "down" and b["lost"] >= 1
-    assert run["servers"][comfy_server.url]["done"] == 12 - b["done"]
+    assert run["servers"][comfy_server.url]["done"] == 4 - b["done"] and b["done"] >= 1
     for r in recs.values():
         (video,) = r["videos"]
         assert (out / video).stat().st_size > 0

@@ -75,3 +75,39 @@ def test_lynx_on_vace_skips_the_reference_frame_in_the_ref_branch(comfy_server, 
     assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 1e-3
     # TrimVideoLatent cut the reference frame off: VAE Decode gave the 5 video frames.
     assert len(with_ref["outputs"]["15"]["images"]) == FRAMES
+
+
+def test_shipped_vace_template_runs_on_tiny_models(comfy_server, vace):
+    """workflows/api/lynx_full_vace_api.json as shipped, pointed at the tiny models and made small."""
+    import json
+    from pathlib import Path
+
+    from lynx_core.video import probe
+
+    wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "api" / "lynx_full_vace_api.json").read_text())
+    m = comfy_server.models
+    for node in wf.values():
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "UNETLoader":
+            inputs["unet_name"] = vace["vace_model"]
+        elif ct == "VAELoader":
+            inputs["vae_name"] = m["vae"]
+        elif ct == "CLIPLoader":
+            node.update(comfy_server.clip_loader_node())
+        elif ct == "LoadLynxAdapters":
+            inputs["adapters"] = vace["vace_adapters"]
+        elif ct == "LoadImage":
+            inputs["image"] = m["face_image"]
+        elif ct == "LynxEncodeFaceID":
+            inputs["detector"] = "mtcnn"
+        elif ct == "WanVaceToVideo":
+            inputs.update(width=W, height=H, length=FRAMES)
+        elif ct == "LynxSampler":
+            inputs["steps"] = 2
+        elif ct == "LynxVideoCombine":
+            inputs["filename_prefix"] = "vace_e2e/template"
+    entry = comfy_server.run(wf, timeout=600)
+    (combine,) = [k for k, n in wf.items() if n["class_type"] == "LynxVideoCombine"]
+    (video,) = entry["outputs"][combine]["videos"]
+    info = probe(comfy_server.output_dir / video["subfolder"] / video["filename"])
+    assert (info["width"], info["height"], info["frames"]) == (W, H, FRAMES)  # the reference frame was trimmed off
