@@ -81,7 +81,8 @@ class AdapterKVCache:
     def ip_kv(self, index: int, block, identity: str, device, dtype):
         key = (index, identity)
         if not _fits(self._ip, key, device, dtype):
-            layer = self.adapters.ip_layers[str(index)] if str(index) in self.adapters.ip_layers else None
+            name = _layer_name(index)
+            layer = self.adapters.ip_layers[name] if name in self.adapters.ip_layers else None
             if layer is None:
                 self._ip[key] = None
             else:
@@ -92,11 +93,11 @@ class AdapterKVCache:
     def ref_kv(self, index: int, block, identity: str, device, dtype):
         refs = self.conditioning.ref_features
         layers = self.adapters.ref_layers
-        if refs is None or layers is None or str(index) not in layers:
+        if refs is None or layers is None or _layer_name(index) not in layers:
             return None
         key = (index, identity)
         if not _fits(self._ref, key, device, dtype):
-            self._ref[key] = self._key_value(layers[str(index)], refs[identity][index],
+            self._ref[key] = self._key_value(layers[_layer_name(index)], refs[identity][index],
                                              block.self_attn.norm_k, device, dtype)
         return self._ref[key]
 
@@ -185,6 +186,15 @@ def _fits(store: dict, key, device, dtype) -> bool:
     log.info("Lynx: adapter keys/values of block %d (%s) were cached as %s on %s but the block runs in %s "
              "on %s; recomputing", key[0], key[1], entry[0].dtype, entry[0].device, dtype, device)
     return False
+
+
+# Adapter layer names by block index, looked up instead of str(index): under torch.compile
+# (ComfyUI's TorchCompileModel) a block index can be a symbolic int, and str() of one is a graph break.
+_LAYER_NAMES = tuple(str(i) for i in range(256))
+
+
+def _layer_name(index: int) -> str:
+    return _LAYER_NAMES[index] if 0 <= index < len(_LAYER_NAMES) else str(index)
 
 
 def _same_entry(a: tuple, b: tuple) -> bool:

@@ -10,6 +10,7 @@ import torch
 from . import comfy_env
 from .images import from_uint8, to_uint8
 from .payloads import LYNX_FACE
+from lynx_core.face.similarity import cosine_per_frame as core_cosine_per_frame, missing_frames
 from lynx_core.face.types import FaceSelectionError, NoFaceError
 from lynx_core.video import next_free_path
 
@@ -161,8 +162,6 @@ def cosine_per_frame(analyzer, frames: np.ndarray, reference: torch.Tensor) -> l
 
     The scoring itself is lynx_core's (the study scorer of lynx_batch runs the same function).
     """
-    from lynx_core.face.similarity import cosine_per_frame as core_cosine_per_frame, missing_frames
-
     scores = core_cosine_per_frame(analyzer, frames, reference, cancel=comfy_env.throw_if_interrupted)
     missing = missing_frames(scores)
     if missing:

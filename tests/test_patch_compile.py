@@ -174,3 +174,22 @@ def test_bf16_compiled_matches_eager_within_bf16_tolerance(setup, comfy_attentio
         out = compiled(x, e, c, freqs, opts).float()
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - eager).abs().max().item() <= 2e-2 * max(1.0, eager.abs().max().item())
+
+
+def test_patch_compiled_as_its_own_frame_per_block(setup, comfy_attention_module):
+    """Where graph breaks outside the patch (ComfyUI's own, e.g. its CPU attention's memory probe)
+    make dynamo compile each block patch call as a frame of its own, the second block index turns
+    the index into a symbolic int; the patch must still trace without a break."""
+    model, adapters, conditioning = setup
+    state = _state(model, adapters, conditioning)
+    x, e, c, freqs = _inputs(model, 5)
+    opts = _options(state)
+    patches = opts["patches_replace"]["dit"]
+    call = torch.compile(lambda patch, args, extra: patch(args, extra)["img"], fullgraph=True, backend="eager")
+    with torch.no_grad():
+        h = x
+        for i in range(CFG.num_layers):
+            args = {"img": h, "txt": c, "vec": e, "pe": freqs, "transformer_options": opts}
+            h = call(patches[("double_block", i)], args, {"original_block": None})
+        eager = _comfy_like_forward(model)(x, e, c, freqs, opts)
+    torch.testing.assert_close(h, eager, rtol=1e-5, atol=1e-5)

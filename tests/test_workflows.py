@@ -458,7 +458,8 @@ def test_official_defaults(variant, frames, fps, two_pass):
     (sampler,) = _by_type(api, "LynxSampler")
     si = sampler["inputs"]
     assert (si["steps"], si["cfg"], si["seed"], si["shift"]) == (50, 5.0, 42, 3.0)
-    assert (si["sampler_name"], si["scheduler"]) == ("uni_pc_bh2", "lynx_official")
+    assert (si["sampler_name"], si["scheduler"]) == ("lynx_unipc", "lynx_official")
+    assert si.get("denoise", 1.0) == 1.0
     assert (si["cfg_id"] <= 1.0) == two_pass and (two_pass or si["cfg_id"] == 2.0)
     assert si["ip_scale"] == 1.0 and (si["start_percent"], si["end_percent"]) == (0.0, 1.0)
     (latent,) = _by_type(api, "EmptyHunyuanLatentVideo")

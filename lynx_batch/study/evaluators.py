@@ -33,18 +33,16 @@ __all__ = [
 EVALUATOR_NAMES = ("facexlib_arcface", "insightface")
 # Bump when a change of this module changes the numbers: every stored score then counts as stale.
 VERSIONS = {"facexlib_arcface": "1", "insightface": "1"}
-# Pack order when searching: antelopev2 (glintr100, the model most identity papers report) first.
+# Pack order when searching: antelopev2 first (its glintr100 is the identity model InstantID and PuLID use).
 PREFERRED_PACKS = ("antelopev2", "buffalo_l")
 PREFERRED_RECOGNITION = ("glintr100.onnx", "w600k_r50.onnx", "w600k_mbf.onnx")
 # Files of a pack that are never recognition models (opening them would only cost time).
 NOT_RECOGNITION = {"det_10g.onnx", "det_2.5g.onnx", "det_500m.onnx", "scrfd_10g_bnkps.onnx", "1k3d68.onnx",
                    "2d106det.onnx", "genderage.onnx"}
-_COMMON_KEYS = {"names", "frame_stride", "max_frames", "detector", "models_dirs", "device", "contact_frames",
-                "arcface_weights", "arcface_backend", "insightface_model"}
+_COMMON_KEYS = {"names", "frame_stride", "max_frames", "detector", "models_dirs", "device", "contact_frames"}
 # Per-evaluator entries: `facexlib_arcface = true | false | {weights, backend}`, `insightface = true | false |
-# "auto" | {model}`; "facexlib" and "arcface" are accepted for facexlib_arcface.
-_ALIASES = {"facexlib": "facexlib_arcface", "arcface": "facexlib_arcface", "facexlib_arcface": "facexlib_arcface",
-            "insightface": "insightface"}
+# "auto" | {model}`; "facexlib" is accepted for facexlib_arcface.
+_ALIASES = {"facexlib": "facexlib_arcface", "facexlib_arcface": "facexlib_arcface", "insightface": "insightface"}
 _SUB_KEYS = {"facexlib_arcface": {"weights", "backend"}, "insightface": {"model"}}
 
 
@@ -149,15 +147,15 @@ def parse_config(table: Mapping[str, Any] | None, base_dir: Path) -> EvaluatorCo
         if not d.is_dir():
             raise EvaluatorError(f"evaluators.models_dirs: {d} is not a folder; give ComfyUI's models folder")
     fx = entries.get("facexlib_arcface") if isinstance(entries.get("facexlib_arcface"), dict) else {}
-    weights = fx.get("weights", table.get("arcface_weights"))
+    weights = fx.get("weights")
     if weights is not None:
         cfg.arcface_weights = _path(weights, "facexlib_arcface.weights", base_dir)
-    backend = fx.get("backend", table.get("arcface_backend", "torch"))
+    backend = fx.get("backend", "torch")
     if backend not in ("torch", "onnx"):
         raise EvaluatorError(f"evaluators.facexlib_arcface.backend: expected torch or onnx, got {backend!r}")
     cfg.arcface_backend = backend
     ins = entries.get("insightface") if isinstance(entries.get("insightface"), dict) else {}
-    model = ins.get("model", table.get("insightface_model"))
+    model = ins.get("model")
     if model is not None:
         cfg.insightface_model = _path(model, "insightface.model", base_dir)
         if not cfg.insightface_model.exists():
@@ -271,7 +269,10 @@ def insightface_normalisation(path: Path) -> tuple[float, float]:
         import onnx
     except ImportError:
         # Without the onnx package the graph's node names cannot be read; the public packs are known.
-        return (0.0, 1.0) if path.name == "glintr100.onnx" else (127.5, 127.5)
+        guess = (0.0, 1.0) if path.name == "glintr100.onnx" else (127.5, 127.5)
+        logger.info("insightface evaluator: the onnx package is missing, so %s's input scaling is taken from its "
+                    "name: mean %s, std %s (pip install onnx to read it from the graph)", path.name, *guess)
+        return guess
     graph = onnx.load(str(path), load_external_data=False).graph
     names = [node.name for node in graph.node[:8]]
     has_sub = any(n.startswith(("Sub", "_minus")) for n in names)

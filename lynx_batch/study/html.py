@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 from typing import Any, Iterable, Sequence
+from urllib.parse import quote
 
 __all__ = ["esc", "render_report", "render_comparison", "PALETTE"]
 
@@ -314,7 +315,9 @@ def table(table_id: str, columns: Sequence[tuple[str, str]], rows: Iterable[dict
             v = r.get(k)
             cls = ' class="num"' if k in numeric else ""
             shown = pct(v) if "_rate" in k else fmt(v)
-            tds.append(f'<td{cls} data-v="{esc("" if v is None else v)}">{esc(shown)}</td>')
+            # Numbers sort by their full value, not the rounded text shown.
+            dv = f' data-v="{esc("" if v is None else v)}"' if k in numeric else ""
+            tds.append(f"<td{cls}{dv}>{esc(shown)}</td>")
         cls = ' class="bad"' if bad and bad(r) else ""
         body.append(f"<tr{cls}>" + "".join(tds) + "</tr>")
     return (f'<table id="{esc(table_id)}" class="sortable"><thead><tr>{head}</tr></thead><tbody>'
@@ -405,7 +408,8 @@ def _videos_section(report: dict[str, Any], labels: dict[str, str]) -> str:
 
     def cells(key: str, row: dict) -> str | None:
         if key == "video":
-            return f'<td><a href="../{esc(row["video"])}">{esc(row["video"].rsplit("/", 1)[-1])}</a></td>'
+            href = "../" + quote(row["video"])  # server file names may hold spaces, '#' or '?'
+            return f'<td><a href="{esc(href)}">{esc(row["video"].rsplit("/", 1)[-1])}</a></td>'
         if key == "mean" and row["mean"] is None:
             return '<td class="num noface" data-v="">no face</td>'
         return None

@@ -50,6 +50,17 @@ face = FaceIdentity(embedding=emb, landmarks=np.zeros((1, 5, 2), np.float32), cr
                     faces_found=[1], chosen=[[0]], provider="cpu")
 pixels = torch.from_numpy(face.reference_crop.copy()).float().div(255).unsqueeze(0)
 
+# The Wan VAE is the slow part on the CPU: each image (face, grey) is encoded once, and both sides
+# (Lynx Encode Reference and the standalone reference pass) get that same posterior sample.
+import lynx_nodes.reference as node_reference
+_encoded = {}
+def encode_once(vae_, px, seed):
+    key = (px.numpy().tobytes(), seed)
+    if key not in _encoded:
+        _encoded[key] = vae_posterior_sample(vae_, px, seed)
+    return _encoded[key].clone()
+node_reference.vae_posterior_sample = encode_once
+
 spec = lynx_nodes.LynxSampler.INPUT_TYPES()
 widgets = {**spec["required"], **spec.get("optional", {})}
 defaults = {k: v[1]["default"] for k, v in widgets.items() if len(v) > 1 and isinstance(v[1], dict) and "default" in v[1]}
@@ -86,7 +97,7 @@ def run(dtype, sampler_name=None):
     latent_format = model.get_model_object("latent_format")
     refs = []
     for px in (pixels, torch.full_like(pixels, 0.5)):
-        z = latent_format.process_in(vae_posterior_sample(vae, px, 42))
+        z = latent_format.process_in(encode_once(vae, px, 42))
         refs.append(extract_reference_features(wan, z.to(dtype), ref_ctx.to(dtype)))
     ref_err = max(rel(ref.cond[b].float(), refs[0][b].float()) for b in refs[0])
     patch = LynxPatch(adapters, make_conditioning(adapters, emb, refs[0], refs[1]), ip_scale=1.0, ref_scale=1.0)

@@ -19,7 +19,7 @@ from lynx_batch.study.compare import write_comparison
 from lynx_batch.study.report import write_report
 from tests.test_study_report import make_study
 
-OFFLINE_FLAGS = ["--host-resolver-rules=MAP * ~NOTFOUND", "--allow-file-access-from-files"]
+OFFLINE_FLAGS = ["--host-resolver-rules=MAP * ~NOTFOUND"]
 
 
 class OfflineBrowser(web.Browser):
