@@ -202,6 +202,9 @@ def run_case(case: Case, dtype_name: str, name: str, kernel, args, device) -> di
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.json is not None and args.json.exists():
+        print(f"attention_backends: {args.json} exists; not overwriting it", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("attention_backends: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -242,9 +245,6 @@ def main(argv=None) -> int:
                "fastest": fastest, "ok": sum(r["status"] == "ok" for r in rows), "cases": len(rows)}
     print("RESULT " + json.dumps(summary), flush=True)
     if args.json is not None:
-        if args.json.exists():
-            print(f"attention_backends: {args.json} exists; not overwriting it", file=sys.stderr)
-            return 2
         tmp = args.json.with_name(args.json.name + ".part")
         tmp.write_text("\n".join(json.dumps(r) for r in (*rows, summary)) + "\n")
         tmp.rename(args.json)

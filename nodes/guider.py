@@ -144,7 +144,7 @@ def guider_class():
             st.check_swap_supported(self.model_patcher, device)
             try:
                 st.prepare_run(device, compute_dtype(getattr(self, "inner_model", None), st.blocks),
-                               window_latent_shape(noise.shape, self.model_options), passes, identities)
+                               window_latent_shape(noise.shape, getattr(self, "model_options", None)), passes, identities)
                 return super().inner_sample(noise, latent_image, device, *args, **kwargs)
             finally:
                 st.detach_swap()

@@ -77,13 +77,14 @@ def test_cuda_only_tests_are_found_and_cpu_tests_are_not():
         assert f"def {name.split('::')[-1]}(" in (REPO / path).read_text()
 
 
-def test_attention_benchmark_smoke_run_on_the_cpu(tmp_path):
+def test_attention_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
+    import attention_backends
+
     out = tmp_path / "attention.json"
-    cmd = [sys.executable, str(REPO / "bench" / "attention_backends.py"), "--device", "cpu", "--tiny", "--shapes",
-           "self,ip", "--dtypes", "fp32,bf16", "--iters", "1", "--warmup", "0", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows = _results(proc.stdout)
+    argv = ["--device", "cpu", "--tiny", "--shapes", "self,ip", "--dtypes", "fp32,bf16", "--iters", "1",
+            "--warmup", "0", "--json", str(out)]
+    assert attention_backends.main(argv) == 0
+    rows = _results(capsys.readouterr().out)
     cases = [r for r in rows if r["bench"] == "attention"]
     backends = {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flash_attn", "sageattention"}
     assert {(r["case"], r["dtype"], r["backend"]) for r in cases} == {
@@ -98,5 +99,13 @@ def test_attention_benchmark_smoke_run_on_the_cpu(tmp_path):
     summary = rows[-1]
     assert summary["bench"] == "attention_summary" and summary["fastest"]["self_fp32"]["backend"] in backends
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "not overwriting" in again.stderr
+    assert attention_backends.main(argv) == 2 and "not overwriting" in capsys.readouterr().err
+
+
+def test_attention_benchmark_as_a_script_on_the_cpu():
+    cmd = [sys.executable, str(REPO / "bench" / "attention_backends.py"), "--device", "cpu", "--tiny", "--shapes",
+           "ip", "--dtypes", "fp32", "--backends", "sdpa_math,flash_attn", "--iters", "1", "--warmup", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = _results(proc.stdout)
+    assert [(r.get("backend"), r.get("status")) for r in rows[:-1]] == [("sdpa_math", "ok"), ("flash_attn", "unavailable")]

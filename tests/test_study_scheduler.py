@@ -493,3 +493,17 @@ def test_command_line_errors_exit_2_with_the_fix(tmp_path):
     assert main(["study", "run", str(tmp_path / "study.toml"), "--out", str(tmp_path / "s"), "--server", "a:1",
                  "--server", "a:1"], out, err) == 2
     assert "a server is given twice" in err.getvalue()
+
+
+def test_a_study_folder_that_cannot_be_written_stops_and_takes_our_prompts_off(world, tmp_path, monkeypatch):
+    from lynx_batch.study import studydir
+
+    a = FakeServer(world, "http://a:1")
+
+    def full(folder, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(studydir, "write_record", full)
+    with pytest.raises(StudyError, match=r"cannot write into .*No space left on device.*run the same command"):
+        runner(world, make_study(tmp_path), tmp_path / "study", [a]).run()
+    assert not a.waiting and a.running is None and a.interrupted  # nothing of ours is left on the server

@@ -5,6 +5,10 @@
 * combined (re-published for original-Wan naming): ``blocks.{N}.cross_attn.ip_adapter.*`` and
   ``blocks.{N}.self_attn.ref_adapter.*`` with the real block index N, optionally behind a prefix
   such as ``diffusion_model.``; resampler keys bare or behind a prefix such as ``resampler.``.
+  Wan2GP's module files name the same layers without the sub-module (its Lynx setup puts them
+  straight on the attention modules): ``blocks.{N}.cross_attn.to_k_ip.*``,
+  ``blocks.{N}.cross_attn.registers``, ``blocks.{N}.self_attn.to_k_ref.*``; they are read as the
+  combined layout (real block index).
 
 Internally (``LynxAdapters.state_dict()``) the names are ``resampler.*``, ``ip_layers.{N}.*`` and
 ``ref_layers.{N}.*`` with the real block index N.
@@ -33,9 +37,10 @@ _RESAMPLER_REST = (
     r"|layers\.\d+\.1\.0\.(?:weight|bias)|layers\.\d+\.1\.[13]\.weight"
 )
 
+# ``ip_adapter.`` / ``ref_adapter.`` are optional: Kijai's files have them, Wan2GP's do not.
 _COMBINED_RE = re.compile(
     rf"^(?P<prefix>(?:.*?\.)?)blocks\.(?P<block>\d+)\."
-    rf"(?:cross_attn\.ip_adapter\.(?P<ip>{_IP_REST})|self_attn\.ref_adapter\.(?P<ref>{_REF_REST}))$"
+    rf"(?:cross_attn\.(?:ip_adapter\.)?(?P<ip>{_IP_REST})|self_attn\.(?:ref_adapter\.)?(?P<ref>{_REF_REST}))$"
 )
 _OFFICIAL_IP_RE = re.compile(rf"^(?P<index>\d+)\.(?P<rest>{_IP_REST})$")
 _OFFICIAL_REF_RE = re.compile(rf"^(?P<index>\d+)\.(?P<rest>{_REF_REST})$")

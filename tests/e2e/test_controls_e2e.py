@@ -94,27 +94,6 @@ def test_controls_at_their_defaults_and_extremes(comfy_server):
     assert not torch.equal(lat["today"], lat["ip_block_1"]) and not torch.equal(lat["plain"], lat["ip_block_1"])
 
 
-def test_guider_checks_a_list_against_the_sigmas_it_gets(comfy_server):
-    g = _graph(comfy_server, comfy_server.models["lynx_adapters_lite"])
-    guider = _sampler(cfg_id=1.0, cfg_schedule="5, 4")
-    for key in ("latent_image", "seed", "steps", "sampler_name", "scheduler", "shift", "reference"):
-        guider["inputs"].pop(key)
-    guider["class_type"] = "LynxGuider"
-    g["11"] = guider
-    g["20"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}}
-    g["21"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-    g["22"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 3,
-                                                          "denoise": 1.0}}
-    g["23"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
-        "noise": ["20", 0], "guider": ["11", 0], "sampler": ["21", 0], "sigmas": ["22", 0], "latent_image": ["10", 0]}}
-    g["24"] = {"class_type": "SaveLatent", "inputs": {"samples": ["23", 0], "filename_prefix": "latents/guider"}}
-    with pytest.raises(AssertionError, match=r"cfg_schedule: 2 values for 3 steps"):
-        comfy_server.run(g, timeout=600)
-    g["22"]["inputs"]["steps"] = 2  # two sigmas steps: the same list fits
-    entry = comfy_server.run(g, timeout=600)
-    assert entry["outputs"]["24"]["latents"]
-
-
 def _write_tiny_lora(server) -> None:
     """A rank-4 LoRA on the self-attention and FFN of both blocks of the tiny DiT (ComfyUI's generic
     ``<module>.lora_up/lora_down.weight`` format), strong enough to move every later block's input."""
@@ -140,17 +119,40 @@ def test_reference_loras(comfy_server):
     g = _graph(comfy_server, comfy_server.models["lynx_adapters"])
     g["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": LORA_NAME,
                                                                "strength_model": 1.0}}
-    g["31"] = _reference(model=("1", 0))                                  # the model without the LoRA
+    # Node 9 is the previous test's reference (the model without the LoRA): ComfyUI reuses it from
+    # the last prompt's outputs when this test follows that one.
+    g["9"] = _reference(model=("1", 0))
     g["32"] = _reference(model=("30", 0))                                 # default: reference_loras off
     g["33"] = _reference(model=("30", 0), reference_loras=True)
     lora = ("30", 0)
     lat = _run_and_load(comfy_server, g, {
-        "base_ref": _sampler(reference=("31", 0), model=lora),
+        "base_ref": _sampler(reference=("9", 0), model=lora),
         "off": _sampler(reference=("32", 0), model=lora),
         "on": _sampler(reference=("33", 0), model=lora),
-        "no_lora": _sampler(reference=("31", 0), model=("1", 0)),
+        "no_lora": _sampler(reference=("9", 0), model=("1", 0)),
     }, "reference_loras")
     assert torch.equal(lat["off"], lat["base_ref"])
     assert not torch.equal(lat["on"], lat["base_ref"])
     # the sampler itself still runs with the LoRA (the reference pass left the MODEL as it was)
     assert not torch.equal(lat["no_lora"], lat["base_ref"])
+
+
+def test_guider_checks_a_list_against_the_sigmas_it_gets(comfy_server):
+    g = _graph(comfy_server, comfy_server.models["lynx_adapters_lite"])
+    guider = _sampler(cfg_id=1.0, cfg_schedule="5, 4")
+    for key in ("latent_image", "seed", "steps", "sampler_name", "scheduler", "shift", "reference"):
+        guider["inputs"].pop(key)
+    guider["class_type"] = "LynxGuider"
+    g["11"] = guider
+    g["20"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}}
+    g["21"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["22"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 3,
+                                                          "denoise": 1.0}}
+    g["23"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["20", 0], "guider": ["11", 0], "sampler": ["21", 0], "sigmas": ["22", 0], "latent_image": ["10", 0]}}
+    g["24"] = {"class_type": "SaveLatent", "inputs": {"samples": ["23", 0], "filename_prefix": "latents/guider"}}
+    with pytest.raises(AssertionError, match=r"cfg_schedule: 2 values for 3 steps"):
+        comfy_server.run(g, timeout=600)
+    g["22"]["inputs"]["steps"] = 2  # two sigmas steps: the same list fits
+    entry = comfy_server.run(g, timeout=600)
+    assert entry["outputs"]["24"]["latents"]

@@ -133,3 +133,39 @@ def test_default_lynx_sampler_equals_the_standalone_pipeline(comfy_server):
     # bf16 on both sides: bf16 rounding, the same order as bf16 vs float32 in the engine itself.
     assert res["bf16_rel"] < 5e-2
     assert res["bf16_rel"] <= 4 * max(res["bf16_alone_vs_fp32"], 1e-3)
+
+
+def test_unipc_sampler_node_equals_lynx_sampler(comfy_server):
+    """Lynx UniPC Sampler (official) in SamplerCustomAdvanced with Lynx Guider gives exactly what
+    LynxSampler's lynx_unipc gives with the same noise, scheduler and guidance."""
+    from safetensors.torch import load_file
+
+    from test_comfy_e2e import base_graph, sampler_inputs
+
+    info = comfy_server.object_info("LynxUniPCSampler")["LynxUniPCSampler"]
+    assert info["category"] == "Lynx/sampling" and info["display_name"] == "Lynx UniPC Sampler (official)"
+    assert info["output"] == ["SAMPLER"]
+    g = base_graph(comfy_server, comfy_server.models["lynx_adapters_lite"])
+    common = sampler_inputs(cfg_id=1.0)
+    guider = {k: v for k, v in common.items()
+              if k not in ("latent_image", "seed", "steps", "sampler_name", "scheduler", "shift")}
+    g["11"] = {"class_type": "LynxGuider", "inputs": guider}
+    g["20"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}}
+    g["21"] = {"class_type": "LynxUniPCSampler", "inputs": {}}
+    g["22"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 3,
+                                                          "denoise": 1.0}}
+    g["23"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["20", 0], "guider": ["11", 0], "sampler": ["21", 0], "sigmas": ["22", 0], "latent_image": ["10", 0]}}
+    g["24"] = {"class_type": "LynxSampler", "inputs": dict(common, seed=7, steps=3, sampler_name="lynx_unipc",
+                                                           scheduler="simple")}
+    g["30"] = {"class_type": "SaveLatent", "inputs": {"samples": ["23", 0], "filename_prefix": "lynx_e2e/custom"}}
+    g["31"] = {"class_type": "SaveLatent", "inputs": {"samples": ["24", 0], "filename_prefix": "lynx_e2e/node"}}
+    entry = comfy_server.run(g, timeout=900)
+
+    def latent(node):
+        (item,) = entry["outputs"][node]["latents"]
+        return load_file(str(comfy_server.output_dir / item["subfolder"] / item["filename"]))["latent_tensor"]
+
+    custom, node = latent("30"), latent("31")
+    assert custom.shape == node.shape and bool(custom.isfinite().all())
+    assert custom.abs().max() > 0 and (custom == node).all()

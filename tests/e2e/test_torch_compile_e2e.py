@@ -17,7 +17,7 @@ import os
 
 from comfy_script import run_in_comfy
 
-SCRIPT = r'''
+SETUP = r'''
 import logging, re
 import comfy.sd
 import torch._dynamo
@@ -73,6 +73,9 @@ def sample(m, ip_scale=1.0, ref_scale=1.0):
                                            0.0, 1.0, "euler", "lynx_official", 3.0, 0,
                                            reference=reference)[0]["samples"]
 
+'''
+
+COMPILE = r'''
 res = {}
 eager = sample(model)
 no_adapters = sample(model, 0.0, 0.0)
@@ -96,7 +99,7 @@ print("RESULT " + json.dumps(res))
 
 def test_torch_compile_model_then_lynx_sampler(comfy_server):
     backend = os.environ.get("LYNX_E2E_COMPILE_BACKEND", "inductor")
-    res = run_in_comfy(comfy_server, SCRIPT, backend, timeout=1200)
+    res = run_in_comfy(comfy_server, SETUP + COMPILE, backend, timeout=1200)
     assert res["clone_compiled"] and not res["user_model_compiled"]
     assert res["graphs"] > 0, "dynamo compiled nothing: the compile wrapper did not run"
     assert res["finite"]
@@ -105,3 +108,35 @@ def test_torch_compile_model_then_lynx_sampler(comfy_server):
     assert res["adapter_effect"] > 100 * max(res["max_err"], 1e-6), res
     assert res["again_err"] == 0.0  # the second run reuses the compiled graphs
     assert res["our_breaks"] == [], res["our_breaks"]
+
+
+OVERRIDE = r'''
+# ComfyUI's attention switch for one model: transformer_options["optimized_attention_override"]
+# (what attention-patch nodes set); ComfyUI's wrap_attn hands it every optimized_attention call.
+calls = []
+def override(func, q, k, v, *args, **kwargs):
+    calls.append([int(q.shape[0]), int(q.shape[1]), int(k.shape[1])])
+    return func(q, k, v, *args, **kwargs)
+m = model.clone()
+m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+with_override = sample(m)
+plain = sample(model)
+res = {"calls": calls, "blocks": n, "same": bool(torch.equal(with_override, plain))}
+print("RESULT " + json.dumps(res))
+'''
+
+
+def test_comfyuis_attention_override_reaches_every_lynx_attention_call(comfy_server):
+    """The Lynx block calls ComfyUI's optimized_attention with the model call's transformer_options,
+    so --use-sage-attention / --use-flash-attention and per-model overrides apply to all four of its
+    attention calls (self, Ref branch, text, ID branch), not only to ComfyUI's own blocks."""
+    res = run_in_comfy(comfy_server, SETUP + OVERRIDE, "none", timeout=600)
+    calls, n = res["calls"], res["blocks"]
+    steps, rows = 2, 3  # two steps, c/u/i batched in one model call
+    assert len(calls) == steps * n * 4, calls
+    key_lengths = {k for _b, _q, k in calls}
+    video = {q for _b, q, _k in calls}
+    assert len(video) == 1 and all(b == rows for b, _q, _k in calls)
+    assert {video.pop(), 512, 16} <= key_lengths  # self-attention, text, the 16 reference tokens
+    assert len(key_lengths) == 4                  # and the ID tokens
+    assert res["same"]  # an override that calls the same kernel changes nothing

@@ -76,7 +76,10 @@ def test_lynx_on_vace_skips_the_reference_frame_in_the_ref_branch(comfy_server, 
     with_graph = tiny_template(comfy_server, vace, 1.0, "vace_e2e/ref_on")
     with_ref = comfy_server.run(with_graph, timeout=600)
     log = comfy_server.log_tail(200_000)
-    without_ref = comfy_server.run(tiny_template(comfy_server, vace, 0.0, "vace_e2e/ref_off"), timeout=600)
+    without_graph = tiny_template(comfy_server, vace, 0.0, "vace_e2e/ref_off")
+    for decode in ("VAEDecode", "LynxVideoCombine"):  # the latent is enough here (the VAE is slow on the CPU)
+        del without_graph[node_id(without_graph, decode)]
+    without_ref = comfy_server.run(without_graph, timeout=600)
 
     # ComfyUI's detection made a VACE model of the tiny file and WanVaceToVideo prepended 1 frame.
     a, b = saved_latent(comfy_server, with_ref), saved_latent(comfy_server, without_ref)
