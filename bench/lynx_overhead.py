@@ -104,7 +104,7 @@ def alternate(calls: dict, rounds: int, device: torch.device) -> dict:
     """Time the calls in turn (one warm-up each, then ``rounds`` rounds); per-round ratios to 'plain'."""
     times = {name: [] for name in calls}
     now = clock(device)
-    with torch.no_grad():
+    with torch.inference_mode():  # as ComfyUI runs a prompt
         for fn in calls.values():
             fn()
         _sync(device)

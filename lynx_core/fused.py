@@ -9,15 +9,17 @@ block runs one ``addcmul`` in the run dtype. Here each step is one pure function
 * :func:`gated_residual`: ``(x.float() + y.float() * gate).to(x.dtype)``;
 * :func:`add_branch`: an adapter branch added to the attention output (in place outside autograd).
 
-They run ``torch.compile``d (one kernel each: the hidden state is read and written once) where
-that pays: by default on CUDA; on the CPU only with ``LYNX_COMPILE=1`` (compiling costs seconds
-there, and the eager path below is already as fast as ComfyUI's block in fp32). ``LYNX_COMPILE=0``
+Under ``torch.inference_mode()`` they run ``torch.compile``d (one kernel each: the hidden state is
+read and written once) where that pays: by default on CUDA; on the CPU only with ``LYNX_COMPILE=1``
+(compiling costs seconds there, and the eager path below is already as fast as ComfyUI's block in
+fp32). ``LYNX_COMPILE=0``
 turns compiling off everywhere; a compile that fails once logs one warning and the process goes
 on eagerly. The eager path uses fused ops that compute in fp32 and round once: LayerNorm with
 ``1 + scale`` / ``shift`` as its affine weights (input in the run dtype, fp32 weights), and
 ``addcmul`` writing straight into a run-dtype output. Inside an outer ``torch.compile`` (ComfyUI's
-TorchCompileModel) the plain formulas are traced, so the outer graph fuses them and never breaks;
-under autograd (training) the formulas run as written.
+TorchCompileModel) the plain formulas are traced, so the outer graph fuses them and never breaks.
+Under autograd (training) the same eager ops run out of place, so a checkpointed block recomputes
+exactly the numbers of its first forward.
 Results equal the formulas up to fp32 rounding (fp32 runs: about 1e-7; bf16 runs: rare 1-ulp flips).
 """
 from __future__ import annotations
@@ -70,8 +72,11 @@ def tracks_grad(*ts: torch.Tensor) -> bool:
 
 
 def _try_compiled(name: str, formula: Callable, *args):
-    """The compiled formula's result, or None (eager wanted, or compiling failed: warn once)."""
-    if compile_mode(args[0].device) != "compiled":
+    """The compiled formula's result, or None (eager wanted, or compiling failed: warn once).
+
+    Only under ``torch.inference_mode()`` (ComfyUI runs every prompt so): a no-grad forward that
+    autograd recomputes later (a checkpointed training block) must round as the recompute does."""
+    if not torch.is_inference_mode_enabled() or compile_mode(args[0].device) != "compiled":
         return None
     fn = _compiled.get(name)
     if fn is None:
@@ -138,17 +143,20 @@ def _norm_modulate_eager(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``(LN(x.float()) * (1 + scale) + shift).to(x.dtype)`` (shift/scale fp32, [B, 1 or L, C])."""
-    if torch.compiler.is_compiling() or tracks_grad(x, shift, scale):
+    if torch.compiler.is_compiling():
         return norm_modulate_formula(x, shift, scale, eps)
-    out = _try_compiled("norm_modulate", norm_modulate_formula, x, shift, scale, eps)
+    out = None if tracks_grad(x, shift, scale) else _try_compiled("norm_modulate", norm_modulate_formula,
+                                                                   x, shift, scale, eps)
     return out if out is not None else _norm_modulate_eager(x, shift, scale, eps)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``(x.float() + y.float() * gate).to(x.dtype)``; ``inplace`` lets the eager path write into
     ``x`` (only outside autograd; pass it only for a tensor nobody else holds)."""
-    if torch.compiler.is_compiling() or tracks_grad(x, y, gate):
+    if torch.compiler.is_compiling():
         return gated_residual_formula(x, y, gate)
+    if tracks_grad(x, y, gate):  # the same op and rounding as below, out of place for autograd
+        return torch.addcmul(x, y, gate).to(x.dtype)
     out = _try_compiled("gated_residual", gated_residual_formula, x, y, gate)
     if out is not None:
         return out

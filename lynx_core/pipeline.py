@@ -195,7 +195,7 @@ def should_batch_passes(setting: bool | None, model, rows: int, latent: Sequence
     """The ``batch_passes`` decision (see :class:`GenerationSettings`)."""
     if setting is not None:
         return bool(setting)
-    if rows < 2:
+    if rows < 2 or int(latent[0]) != 1:  # batched rows are the passes of one latent
         return False
     return block_swap or batch_fits(model, rows, latent, dtype, device)
 

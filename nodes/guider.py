@@ -143,8 +143,9 @@ def guider_class():
             st = self.state
             st.check_swap_supported(self.model_patcher, device)
             try:
-                st.prepare_run(device, compute_dtype(getattr(self, "inner_model", None), st.blocks),
-                               window_latent_shape(noise.shape, getattr(self, "model_options", None)), passes, identities)
+                shape = window_latent_shape(noise.shape, getattr(self, "model_options", None))
+                st.prepare_run(device, compute_dtype(getattr(self, "inner_model", None), st.blocks), shape, passes,
+                               identities)
                 return super().inner_sample(noise, latent_image, device, *args, **kwargs)
             finally:
                 st.detach_swap()

@@ -153,7 +153,8 @@ def test_node_schedules_equal_to_constants_are_bit_identical(setup, lynx_rope_at
 def test_node_scale_schedule_changes_only_the_steps_from_k(setup, lynx_rope_attention):
     _model, adapters, conditioning, *_ = setup
     blocks = list(setup[0].blocks)
-    const = wp.LynxRunState(patch=LynxPatch(adapters, conditioning), blocks=blocks, cond_identities=[COND, UNCOND, COND])
+    const = wp.LynxRunState(patch=LynxPatch(adapters, conditioning), blocks=blocks,
+                            cond_identities=[COND, UNCOND, COND])
     sched = wp.LynxRunState(patch=LynxPatch(adapters, conditioning, ip_scale_schedule="0:1, 0.75:0.5"), blocks=blocks,
                             cond_identities=[COND, UNCOND, COND])
     a, b = _block_outputs(const, setup), _block_outputs(sched, setup)

@@ -104,6 +104,7 @@ def test_auto_batches_on_the_host_and_always_under_block_swap(parts):
     assert not should_batch_passes(None, model, 3, SHAPE, torch.float32, "meta", block_swap=False)
     assert not should_batch_passes(None, model, 1, SHAPE, torch.float32, "cpu", block_swap=True)
     assert not should_batch_passes(False, model, 3, SHAPE, torch.float32, "cpu", block_swap=True)
+    assert not should_batch_passes(None, model, 3, (2, *SHAPE[1:]), torch.float32, "cpu", block_swap=True)
 
 
 def test_settings_decide_between_one_forward_and_three(parts, monkeypatch):
@@ -145,3 +146,16 @@ def test_block_swap_loads_each_swapped_block_once_per_step(parts):
     # prefetch for a next forward), the separate passes move every one of them three times per step
     assert loads[None] <= steps * 3 + 1
     assert loads[False] >= 3 * steps * 3
+
+
+@pytest.mark.parametrize("free_gib,fits", [(64, True), (0.0001, False)])
+def test_batching_on_cuda_follows_the_free_memory(parts, monkeypatch, free_gib, fits):
+    from lynx_core.pipeline import batch_fits
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(free_gib * 2**30), 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
+    latent = (1, 16, 21, 60, 104)  # 480x832x81 on the tiny model: 32,760 tokens of width 64
+    assert batch_fits(parts[0], 3, latent, torch.bfloat16, "cuda") is fits
+    assert should_batch_passes(None, parts[0], 3, latent, torch.bfloat16, "cuda", block_swap=False) is fits
+    assert should_batch_passes(None, parts[0], 3, latent, torch.bfloat16, "cuda", block_swap=True)

@@ -26,7 +26,8 @@ def _graph(server, adapters: str) -> dict:
         "2": {"class_type": "VAELoader", "inputs": {"vae_name": m["vae"]}},
         "3": server.clip_loader_node(),
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a woman smiling on the beach", "clip": ["3", 0]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "worst quality, blurred background", "clip": ["3", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "worst quality, blurred background",
+                                                         "clip": ["3", 0]}},
         "6": {"class_type": "LoadImage", "inputs": {"image": m["face_image"]}},
         "7": {"class_type": "LoadLynxAdapters", "inputs": {"adapters": adapters, "dtype": "auto"}},
         "8": {"class_type": "LynxEncodeFaceID", "inputs": {

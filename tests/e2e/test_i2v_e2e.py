@@ -132,6 +132,14 @@ from lynx_core.block_i2v import split_context
 from lynx_core.face.types import FaceIdentity
 
 i2v = json.loads(sys.argv[3])
+import lynx_nodes.wan_patch as wp
+seen = []  # what the Lynx block patches hand the block: the context split they used
+_block = wp.wan_block_forward
+def recording_block(block, x, e, freqs, context, **kw):
+    seen.append(None if isinstance(context, torch.Tensor) else
+                [-1 if context.image is None else (0 if context.image is context.text else context.image.shape[1])])
+    return _block(block, x, e, freqs, context, **kw)
+wp.wan_block_forward = recording_block
 def rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
@@ -213,10 +221,14 @@ for key in ("i2v21", "i2v22"):
     # 2) a whole Lynx run whose adapters add nothing equals ComfyUI's KSampler (Wan2.2-I2V has no
     # image embedder, so a CLIP vision embedding changes nothing there: only Wan2.1 runs with one)
     ks = ksampler(model, None)
+    seen.clear()
     r["silent_vs_ksampler_noclip"] = rel(lynx(model, None), ks)
+    r["splits_noclip"] = sorted({str(v) for v in seen})
     r["active_vs_ksampler"] = rel(lynx(model, None, silent=False), ks)
     if key == "i2v21":
+        seen.clear()
         r["silent_vs_ksampler_clip"] = rel(lynx(model, clip_vision), ksampler(model, clip_vision))
+        r["splits_clip"] = sorted({str(v) for v in seen})
     # 3) the reference pass: zeros for the mask + image channels, block 0 = ComfyUI's own input
     caps = {}
     hooks = [b.self_attn.register_forward_pre_hook(lambda m, a, i=i: caps.__setitem__(i, a[0].detach().clone()))
@@ -251,6 +263,9 @@ def test_i2v_numbers_on_comfyui_objects(comfy_server, i2v):
     # Whole runs: silent adapters = ComfyUI's KSampler, with and without a CLIP vision embedding;
     # active adapters change the result.
     assert w21["silent_vs_ksampler_clip"] < 1e-4, w21
+    # ... and those runs went through the Lynx blocks with ComfyUI's split: 257 CLIP tokens, or the
+    # whole context for both key/value sets without CLIP (0 here); plain tensors on Wan2.2 (None).
+    assert w21["splits_clip"] == ["[257]"] and w21["splits_noclip"] == ["[0]"] and w22["splits_noclip"] == ["None"]
     for r in (w21, w22):
         assert r["silent_vs_ksampler_noclip"] < 1e-4 and r["active_vs_ksampler"] > 1e-3, r
     # Reference pass on the 36-channel models: 256 face tokens per block, computed on zeros for the
