@@ -193,3 +193,30 @@ def test_patch_compiled_as_its_own_frame_per_block(setup, comfy_attention_module
             h = call(patches[("double_block", i)], args, {"original_block": None})
         eager = _comfy_like_forward(model)(x, e, c, freqs, opts)
     torch.testing.assert_close(h, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_block_swap_under_compile_gives_the_resident_result(setup, comfy_attention_module):
+    """With a swapper the patch streams the block around the compiled compute: the swap itself
+    (pointer switches, copies) runs eagerly, the block math is still compiled, the numbers equal
+    the resident run. (On a GPU the swapper's copy stream is involved too; see bench/gpu_suite.sh.)"""
+    from lynx_core.offload import BlockSwapper, plan_block_swap
+
+    model, adapters, conditioning = setup
+    state = _state(model, adapters, conditioning)
+    forward = _comfy_like_forward(model)
+    x, e, c, freqs = _inputs(model, 6)
+    opts = _options(state)
+    swapper = BlockSwapper(model.blocks, plan_block_swap(model.blocks, CFG.num_layers, "cpu", ring_size=1))
+    with torch.no_grad():
+        resident = forward(x, e, c, freqs, opts)
+        state.swapper = swapper
+        try:
+            with swapper:
+                torch._dynamo.utils.counters.clear()
+                out = torch.compile(forward, backend="eager")(x, e, c, freqs, opts)
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                loads = swapper.loads
+        finally:
+            state.swapper = None
+    torch.testing.assert_close(out, resident, rtol=1e-5, atol=1e-5)
+    assert loads >= CFG.num_layers and graphs >= 1
