@@ -6,7 +6,7 @@
 #   bash bench/gpu_suite.sh --dry-run         # print the parts' commands, run nothing (any machine)
 #
 # Parts, each under its own timeout (seconds, env LYNX_SUITE_T_<PART>) so a hung part cannot eat
-# the budget; a part only starts while the whole suite (LYNX_SUITE_BUDGET_S, default 470) has time:
+# the budget; a part only starts while the whole suite (LYNX_SUITE_BUDGET_S, default 450) has time:
 #   tests              the tests that skip without CUDA (bench/cuda_tests.py lists them)
 #   overhead           bench/lynx_overhead.py --shape 14b: Lynx-patched / plain, bf16, eager
 #   overhead_compiled  the same with the diffusion model under torch.compile (TorchCompileModel's way)
@@ -40,14 +40,14 @@ for p in ${PARTS//,/ }; do
   case ",$ALL_PARTS," in *",$p,"*) ;; *) echo "gpu_suite: unknown part '$p'; parts: $ALL_PARTS" >&2; exit 2 ;; esac
 done
 
-BUDGET_S="${LYNX_SUITE_BUDGET_S:-470}"
+BUDGET_S="${LYNX_SUITE_BUDGET_S:-450}"
 declare -A LIMIT=(
   [tests]="${LYNX_SUITE_T_TESTS:-75}"
   [overhead]="${LYNX_SUITE_T_OVERHEAD:-60}"
-  [overhead_compiled]="${LYNX_SUITE_T_OVERHEAD_COMPILED:-90}"
-  [blockswap]="${LYNX_SUITE_T_BLOCKSWAP:-130}"
+  [overhead_compiled]="${LYNX_SUITE_T_OVERHEAD_COMPILED:-80}"
+  [blockswap]="${LYNX_SUITE_T_BLOCKSWAP:-120}"
   [attention]="${LYNX_SUITE_T_ATTENTION:-45}"
-  [train]="${LYNX_SUITE_T_TRAIN:-80}"
+  [train]="${LYNX_SUITE_T_TRAIN:-70}"
 )
 LOGS="${LYNX_SUITE_LOGS:-<logs>}"
 

@@ -26,7 +26,9 @@ def _guidance_inputs() -> dict:
     """Inputs shared by LynxSampler and LynxGuider (the order is the widget order)."""
     return {
         "model": ("MODEL", {"tooltip": "Wan2.1-T2V-14B (or a Wan2.2-A14B T2V expert) from any loader: "
-                            "fp16/bf16, fp8-scaled, GGUF, with LoRAs applied. It is not modified: Lynx patches a copy."}),
+                            "fp16/bf16, fp8-scaled, GGUF, with LoRAs applied. A Wan 14B image-to-video model "
+                            "(Wan2.1-I2V, a Wan2.2-I2V-A14B expert, with WanImageToVideo) or Wan2.1-VACE-14B "
+                            "(with WanVaceToVideo) works too. It is not modified: Lynx patches a copy."}),
         "adapters": (LYNX_ADAPTERS, {"tooltip": "From Load Lynx Adapters (full or lite)."}),
         "face": (LYNX_FACE, {"tooltip": "The identity from Lynx Encode Face ID."}),
         "positive": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode with the Wan UMT5 text encoder."}),

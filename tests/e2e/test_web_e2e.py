@@ -184,7 +184,10 @@ def _graph_state(page) -> list[dict]:
 TEMPLATES = {"Lynx Full (ID and Ref adapters), photo to video": "lynx_full_t2v_api.json",
              "Lynx Lite (ID adapter only), photo to video": "lynx_lite_t2v_api.json",
              "Lynx Train the adapters on a dataset": "lynx_train_api.json",
-             "Lynx Train then generate, photo to video": "lynx_train_then_t2v_api.json"}
+             "Lynx Train then generate, photo to video": "lynx_train_then_t2v_api.json",
+             "Lynx Full (ID and Ref adapters), image to video": "lynx_full_i2v_api.json",
+             "Lynx Full (ID and Ref adapters), VACE reference to video": "lynx_full_vace_api.json",
+             "Lynx Full (ID and Ref adapters), long video, context windows": "lynx_full_long_context_api.json"}
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
