@@ -20,15 +20,20 @@ SPEC = {
     "LynxEncodeFaceID": ("Lynx Encode Face ID",
                          ["image", "detector", "face_select", "face_index", "arcface_backend", "on_no_face"], [],
                          ["LYNX_FACE", "IMAGE", "IMAGE"]),
-    "LynxEncodeReference": ("Lynx Encode Reference", ["model", "vae", "clip", "face", "adapters", "seed"], [],
-                            ["LYNX_REF"]),
+    "LynxEncodeReference": ("Lynx Encode Reference", ["model", "vae", "clip", "face", "adapters", "seed"],
+                            ["reference_loras"], ["LYNX_REF"]),
     "LynxSampler": ("Lynx Sampler",
                     ["model", "adapters", "face", "positive", "negative", "latent_image", "seed", "steps", "cfg",
                      "cfg_id", "ip_scale", "ref_scale", "start_percent", "end_percent", "sampler_name", "scheduler",
-                     "shift", "blocks_to_swap"], ["reference"], ["LATENT"]),
+                     "shift", "blocks_to_swap"],
+                    ["reference", "denoise", "ip_blocks", "ref_blocks", "cfg_schedule", "cfg_id_schedule",
+                     "ip_scale_schedule", "ref_scale_schedule"], ["LATENT"]),
     "LynxGuider": ("Lynx Guider",
                    ["model", "adapters", "face", "positive", "negative", "cfg", "cfg_id", "ip_scale", "ref_scale",
-                    "start_percent", "end_percent", "blocks_to_swap"], ["reference"], ["GUIDER"]),
+                    "start_percent", "end_percent", "blocks_to_swap"],
+                   ["reference", "ip_blocks", "ref_blocks", "cfg_schedule", "cfg_id_schedule", "ip_scale_schedule",
+                    "ref_scale_schedule"], ["GUIDER"]),
+    "LynxUniPCSampler": ("Lynx UniPC Sampler (official)", [], [], ["SAMPLER"]),
     "LynxVideoCombine": ("Lynx Video Combine", ["images", "frame_rate", "format", "filename_prefix", "crf",
                                                 "save_metadata"], ["audio"], ["STRING"]),
     "LynxFaceSimilarity": ("Lynx Face Similarity", ["images", "face", "detector"], [], ["FLOAT", "STRING", "IMAGE"]),
@@ -43,11 +48,16 @@ SPEC = {
 }
 DEFAULTS = {
     ("LynxSampler", "seed"): 42, ("LynxSampler", "steps"): 50, ("LynxSampler", "cfg"): 5.0,
-    ("LynxSampler", "cfg_id"): 2.0, ("LynxSampler", "sampler_name"): "uni_pc_bh2",
+    ("LynxSampler", "cfg_id"): 2.0, ("LynxSampler", "sampler_name"): "lynx_unipc",
     ("LynxSampler", "scheduler"): "lynx_official", ("LynxSampler", "shift"): 3.0,
     ("LynxSampler", "blocks_to_swap"): 0, ("LoadLynxAdapters", "dtype"): "auto",
     ("LynxVideoCombine", "frame_rate"): 16.0, ("LynxVideoCombine", "filename_prefix"): "Lynx/lynx",
     ("LynxVideoCombine", "crf"): 19, ("LynxVideoCombine", "save_metadata"): True,
+    # New inputs keep the old numbers: their defaults are the behaviour before they existed.
+    ("LynxSampler", "denoise"): 1.0, ("LynxEncodeReference", "reference_loras"): False,
+    **{(node, name): "" for node in ("LynxSampler", "LynxGuider")
+       for name in ("ip_blocks", "ref_blocks", "cfg_schedule", "cfg_id_schedule", "ip_scale_schedule",
+                    "ref_scale_schedule")},
 }
 SCALAR_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
