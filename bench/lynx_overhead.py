@@ -130,18 +130,20 @@ def alternate(calls: dict, rounds: int, device: torch.device) -> dict:
 
 def _fill_random(module: torch.nn.Module, seed: int) -> None:
     """ComfyUI's ops leave parameters uninitialised: fan-in scaled noise, unit norms, zero biases."""
-    g = torch.Generator().manual_seed(seed)
+    gens: dict = {}
     with torch.no_grad():
         for name, p in module.named_parameters():
+            g = gens.get(p.device)
+            if g is None:  # drawn where the parameter lives: 14B-wide blocks fill in seconds on a GPU
+                g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
             leaf = name.rsplit(".", 1)[-1]
             if p.ndim == 1 and "norm" in name and leaf == "weight":
                 p.fill_(1.0)
             elif leaf == "bias":
-                p.normal_(0.0, 0.01, generator=g) if p.device.type == "cpu" else p.zero_()
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.01)
             else:
                 fan_in = max(1, p[0].numel()) if p.ndim > 1 else p.numel()
-                src = torch.randn(p.shape, generator=g) / fan_in ** 0.5
-                p.copy_(src.to(p.dtype))
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device) / fan_in ** 0.5)
 
 
 def import_comfy(path: str | None, device: torch.device):

@@ -1,6 +1,7 @@
 """The fused block steps (lynx_core.fused) against the plain formulas they replace, fp32 and bf16."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -144,7 +145,7 @@ def _cast(ad, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_block_equals_the_formula_block(block_setup, dtype):
     blk, x, e, ctx, freqs, ad = block_setup
-    b = blk if dtype == torch.float32 else _bf16_copy(blk)
+    b = blk if dtype == torch.float32 else copy.deepcopy(blk).to(torch.bfloat16)
     x, ctx, ad = x.to(dtype), ctx.to(dtype), _cast(ad, dtype)
     x_before = x.clone()
     with torch.no_grad():
@@ -156,12 +157,6 @@ def test_fused_block_equals_the_formula_block(block_setup, dtype):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-
-
-def _bf16_copy(blk):
-    import copy
-
-    return copy.deepcopy(blk).to(torch.bfloat16)
 
 
 def test_fused_block_gradients_equal_the_formula_block(block_setup):
