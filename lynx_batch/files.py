@@ -6,6 +6,7 @@ tool writing at the same moment) and a reader never sees half a file. Where the 
 has no hard links, the name is claimed with an exclusive create and the full file is moved onto
 that empty placeholder.
 """
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -63,3 +64,28 @@ def write_new_file(folder: Path, name: str, data: bytes,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (replacing it) through a temporary file in the same folder, fsync
+    and a rename, so a reader or a crash sees the old file or the new one, never half of one.
+    For files the tool owns and updates (records, scores); outputs use :func:`write_new_file`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

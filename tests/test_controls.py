@@ -3,17 +3,15 @@ import pytest
 import torch
 
 import lynx_core.pipeline as pipeline
-from lynx_core.adapters import LynxAdapters
 from lynx_core.attention import attention_sdpa
 from lynx_core.block import BlockAdapterInputs, wan_block_forward
 from lynx_core.controls import Schedule, as_schedule, block_subset, parse_blocks, parse_schedule, step_at_sigma
 from lynx_core.lynx import COND, UNCOND, LynxPatch, make_conditioning
 from lynx_core.pipeline import GenerationSettings, generate
-from lynx_core.reference import extract_reference_features
 from lynx_core.sampling.schedule import flow_sigmas
 from lynx_core.wan.config import WAN_CONFIGS
-from lynx_core.wan.model import WanModel
 from lynx_core.wan.rope import apply_rope
+from tests.tiny_lynx import tiny_lynx
 
 CFG = WAN_CONFIGS["tiny"]
 SHAPE = (1, 16, 2, 4, 6)
@@ -114,29 +112,10 @@ def test_step_at_sigma_follows_the_window_rule():
 
 
 # ------------------------------------------------------------------ engine runs
-def _perturb(module, seed, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-
-
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    model = WanModel(CFG).eval().requires_grad_(False)
-    _perturb(model, 1)
-    full = LynxAdapters.create("full", dim=CFG.dim, num_blocks=CFG.num_layers, n_registers=4, **SMALL).eval()
-    _perturb(full, 2)
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randn(1, 6, CFG.text_dim, generator=g)
-    negative = torch.randn(1, 6, CFG.text_dim, generator=g)
-    ref_ctx = torch.randn(1, 4, CFG.text_dim, generator=g)
-    face_latent = torch.randn(1, 16, 1, 8, 8, generator=g)
-    emb = torch.nn.functional.normalize(torch.randn(512, generator=g), dim=0)
-    ref_c = extract_reference_features(model, face_latent, ref_ctx)
-    ref_u = extract_reference_features(model, torch.zeros_like(face_latent), ref_ctx)
-    return model, full, prompt, negative, make_conditioning(full, emb, ref_c, ref_u)
+    t = tiny_lynx()
+    return t.model, t.adapters, t.prompt, t.negative, make_conditioning(t.adapters, t.emb, t.ref_cond, t.ref_uncond)
 
 
 _RUNS: dict = {}

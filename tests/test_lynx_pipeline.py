@@ -7,39 +7,15 @@ import torch
 from lynx_core.adapters import LynxAdapters
 from lynx_core.lynx import COND, UNCOND, LynxPatch, make_conditioning
 from lynx_core.pipeline import GenerationSettings, generate, latent_shape
-from lynx_core.reference import extract_reference_features
-from lynx_core.wan.config import WAN_CONFIGS
-from lynx_core.wan.model import WanModel
+from tests.tiny_lynx import CFG, SHAPE, perturb as _perturb, small_resampler, tiny_lynx
 
-CFG = WAN_CONFIGS["tiny"]
-SHAPE = (1, 16, 2, 4, 6)
-SMALL = dict(id_dim=CFG.dim, resampler_dim=32, resampler_heads=2, resampler_dim_head=16,
-             resampler_depth=2)
-
-
-def _perturb(module, seed, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
+SMALL = small_resampler()
 
 
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    model = WanModel(CFG).eval().requires_grad_(False)
-    _perturb(model, 1)
-    full = LynxAdapters.create("full", dim=CFG.dim, num_blocks=CFG.num_layers, n_registers=4, **SMALL).eval()
-    _perturb(full, 2)
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randn(1, 6, CFG.text_dim, generator=g)
-    negative = torch.randn(1, 6, CFG.text_dim, generator=g)
-    ref_ctx = torch.randn(1, 4, CFG.text_dim, generator=g)
-    face_latent = torch.randn(1, 16, 1, 8, 8, generator=g)
-    emb = torch.nn.functional.normalize(torch.randn(512, generator=g), dim=0)
-    ref_c = extract_reference_features(model, face_latent, ref_ctx)
-    ref_u = extract_reference_features(model, torch.zeros_like(face_latent), ref_ctx)
-    return model, full, prompt, negative, emb, ref_c, ref_u
+    t = tiny_lynx()
+    return t.model, t.adapters, t.prompt, t.negative, t.emb, t.ref_cond, t.ref_uncond
 
 
 def _settings(**kw):

@@ -7,16 +7,11 @@ import pytest
 import torch
 
 from lynx_core import pipeline
-from lynx_core.adapters import LynxAdapters
 from lynx_core.lynx import COND, UNCOND, LynxPatch, make_conditioning
 from lynx_core.offload import BlockSwapper, plan_block_swap
 from lynx_core.pipeline import GenerationSettings, generate, predict, predict_batched, should_batch_passes
-from lynx_core.reference import extract_reference_features
-from lynx_core.wan.config import WAN_CONFIGS
-from lynx_core.wan.model import WanModel
+from tests.tiny_lynx import CFG, SHAPE, tiny_lynx
 
-CFG = WAN_CONFIGS["tiny"]
-SHAPE = (1, 16, 2, 4, 6)
 
 
 @pytest.fixture(autouse=True)
@@ -27,32 +22,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _perturb(module, seed, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-
-
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    model = WanModel(CFG).eval().requires_grad_(False)
-    _perturb(model, 1)
-    adapters = LynxAdapters.create("full", dim=CFG.dim, num_blocks=CFG.num_layers, n_registers=4, id_dim=CFG.dim,
-                                   resampler_dim=32, resampler_heads=2, resampler_dim_head=16,
-                                   resampler_depth=1).eval()
-    _perturb(adapters, 2)
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randn(1, 6, CFG.text_dim, generator=g)
-    negative = torch.randn(1, 6, CFG.text_dim, generator=g)
-    short_negative = torch.randn(1, 3, CFG.text_dim, generator=g)
-    ref_ctx = torch.randn(1, 4, CFG.text_dim, generator=g)
-    face = torch.randn(1, 16, 1, 8, 8, generator=g)
-    emb = torch.nn.functional.normalize(torch.randn(512, generator=g), dim=0)
-    refs = (extract_reference_features(model, face, ref_ctx),
-            extract_reference_features(model, torch.zeros_like(face), ref_ctx))
-    return model, adapters, prompt, negative, short_negative, emb, refs
+    t = tiny_lynx(resampler_depth=1)
+    # a negative prompt shorter than the positive one: rows whose texts cannot simply be stacked
+    short_negative = torch.randn(1, 3, CFG.text_dim, generator=torch.Generator().manual_seed(4))
+    return t.model, t.adapters, t.prompt, t.negative, short_negative, t.emb, (t.ref_cond, t.ref_uncond)
 
 
 def _patch(parts):

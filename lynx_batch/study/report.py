@@ -260,7 +260,6 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     # generated_at differs on every run; keep it out of the comparison with the previous files.
     stamp = data["generated_at"]
     body = dict(data, generated_at=None)
-    json_bytes = (json.dumps(body, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     old_json = out_dir / "report.json"
     if old_json.exists():
         try:

@@ -16,13 +16,12 @@ renamed, so an interrupted run leaves either the old or the new file, never half
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from ..files import replace_atomically, sha256_file
 
 __all__ = ["SCORE_FORMAT", "score_study", "read_study", "read_jobs", "read_score", "scored_frame_indices",
            "read_scored_frames", "decode_frames", "video_paths", "atomic_write_json"]
@@ -85,27 +84,8 @@ def video_paths(job: dict[str, Any]) -> list[str]:
 
 # ---- files ---------------------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    replace_atomically(path, data)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

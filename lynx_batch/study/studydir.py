@@ -11,11 +11,10 @@ records, and a lock so two runs never work in the same folder.
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..files import numbered_with_counter, write_new_file
+from ..files import numbered_with_counter, replace_atomically, write_new_file
 from .studyfile import Study, StudyError
 
 STUDY_JSON = "study.json"
@@ -104,16 +103,7 @@ def write_record(folder: Path, record: dict[str, Any]) -> Path:
         old = jobs / "superseded"
         old.mkdir(exist_ok=True)
         write_new_file(old, path.name, path.read_bytes(), numbered_with_counter)
-    fd, tmp = tempfile.mkstemp(dir=jobs, prefix=".lynx-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_json_bytes(record))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    replace_atomically(path, _json_bytes(record))
     return path
 
 
