@@ -11,10 +11,10 @@ block runs one ``addcmul`` in the run dtype. Here each step is one pure function
 
 Under ``torch.inference_mode()`` they run ``torch.compile``d (one kernel each: the hidden state is
 read and written once) where that pays: by default on CUDA; on the CPU only with ``LYNX_COMPILE=1``
-(compiling costs seconds there, and the eager path below is already as fast as ComfyUI's block in
-fp32). ``LYNX_COMPILE=0``
-turns compiling off everywhere; a compile that fails once logs one warning and the process goes
-on eagerly. The eager path uses fused ops that compute in fp32 and round once: LayerNorm with
+(compiling costs seconds there; the eager path below is as fast as ComfyUI's block in fp32, while
+in bf16 the CPU's casts through fp32 temporaries keep the eager gated residual at the formula's
+cost, see bench/README.md). ``LYNX_COMPILE=0`` turns compiling off everywhere; a compile that
+fails once logs one warning and the process goes on eagerly. The eager path uses fused ops that compute in fp32 and round once: LayerNorm with
 ``1 + scale`` / ``shift`` as its affine weights (input in the run dtype, fp32 weights), and
 ``addcmul`` writing straight into a run-dtype output. Inside an outer ``torch.compile`` (ComfyUI's
 TorchCompileModel) the plain formulas are traced, so the outer graph fuses them and never breaks.
