@@ -11,7 +11,9 @@ Figures (each in every ``--dtypes``; every key ending in ``_ratio`` is Lynx / pl
 * ``block_ratio`` / ``block_noadapters_ratio``: ComfyUI's ``WanAttentionBlock`` vs
   ``lynx_core.block.wan_block_forward`` on the same block, 3 rows, with the adapter branches on / off;
 * ``core_block_ratio``: lynx_core's reference DiT block, ``wan_block_forward`` with / without the
-  adapter branches (runs without ComfyUI).
+  adapter branches (runs without ComfyUI);
+* ``*_flop_ratio`` next to them: the same ratio of matmul FLOPs (the adapter branches' inherent
+  cost), to read each measured ratio against.
 
 The ComfyUI figures need ComfyUI: ``COMFYUI_PATH`` (or ``--comfyui``) names its folder; without one
 they are skipped. Adapter token counts are scaled with the video tokens so that the branches' share
@@ -126,6 +128,34 @@ def alternate(calls: dict, rounds: int, device: torch.device) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ FLOPs
+
+def block_flops(shape: Shape, adapters: bool) -> int:
+    """Matmul FLOPs of one block for one row (elementwise steps left out): what a ratio of times
+    would be if every FLOP cost the same. The adapter keys/values are computed once per
+    generation, so a pass only adds the two branch attentions (4·C per query token and key)."""
+    c, n, text = shape.dim, shape.tokens, shape.text
+    per_token = (4 * 2 * c * c            # self-attention q, k, v, o
+                 + 4 * n * c              # self-attention scores and values
+                 + 2 * 2 * c * c          # cross-attention q, o
+                 + 4 * text * c           # cross-attention over the text
+                 + 2 * 2 * c * shape.ffn)  # FFN
+    if adapters:
+        per_token += 4 * (shape.ref_tokens + IP_TOKENS) * c
+    return n * per_token + text * 2 * 2 * c * c  # + the text keys/values
+
+
+def model_flops(shape: Shape, blocks: int, adapters: bool) -> int:
+    """One row of a model call: the blocks plus patch embedding, head and text embedding."""
+    c, n = shape.dim, shape.tokens
+    outside = n * 2 * 2 * c * 64 + shape.text * 2 * (4096 * c + c * c)  # 16 channels x 1x2x2 in and out
+    return blocks * block_flops(shape, adapters) + outside
+
+
+def flop_ratio(lynx: int, plain: int) -> float:
+    return round(lynx / plain, 4)
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 def _fill_random(module: torch.nn.Module, seed: int) -> None:
@@ -217,7 +247,8 @@ def model_figure(comfy, shape: Shape, blocks: int, dtype: torch.dtype, device: t
     forward = torch.compile(model) if compile_model else model
     calls = {"plain": lambda: forward(x, ts, ctx, transformer_options=plain_to),
              "model": lambda: forward(x, ts, ctx, transformer_options=lynx_to)}
-    return alternate(calls, rounds, device)
+    return dict(alternate(calls, rounds, device),
+                model_flop_ratio=flop_ratio(model_flops(shape, blocks, True), model_flops(shape, blocks, False)))
 
 
 def block_inputs(model, shape: Shape, dtype: torch.dtype, device: torch.device, rows: int):
@@ -262,7 +293,8 @@ def block_figure(comfy, shape: Shape, dtype: torch.dtype, device: torch.device, 
         "block": lambda: wan_block_forward(block, x, e, freqs, ctx, rope=comfy_rope, attention=attention, adapters=ad),
         "block_noadapters": lambda: wan_block_forward(block, x, e, freqs, ctx, rope=comfy_rope, attention=attention),
     }
-    return alternate(calls, rounds, device)
+    return dict(alternate(calls, rounds, device),
+                block_flop_ratio=flop_ratio(block_flops(shape, True), block_flops(shape, False)))
 
 
 def core_figure(shape: Shape, dtype: torch.dtype, device: torch.device, rounds: int) -> dict:
@@ -292,7 +324,8 @@ def core_figure(shape: Shape, dtype: torch.dtype, device: torch.device, rounds: 
         "core_block": lambda: wan_block_forward(block, x, e, freqs, ctx, rope=apply_rope, attention=attention,
                                                 adapters=ad),
     }
-    return alternate(calls, rounds, device)
+    return dict(alternate(calls, rounds, device),
+                core_block_flop_ratio=flop_ratio(block_flops(shape, True), block_flops(shape, False)))
 
 
 # ------------------------------------------------------------------------------------------------ main

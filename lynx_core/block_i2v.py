@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from .fused import add_branch
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 # The original Wan2.1-I2V code (and ComfyUI's block default) assumes one CLIP image: 257 tokens.
@@ -67,13 +69,13 @@ def i2v_cross_attention(attn, n2: torch.Tensor, context, attention: AttentionFn,
     heads = attn.num_heads
     q = attn.norm_q(attn.q(n2))
     out = attention(q, attn.norm_k(attn.k(ctx.text)), attn.v(ctx.text), heads)
+    # Both sums go into the fresh text-attention output (in place outside autograd), as on T2V blocks.
     if ctx.image is not None:
         k_img = attn.norm_k_img(attn.k_img(ctx.image))
-        out = out + attention(q, k_img, attn.v_img(ctx.image), heads)
+        out = add_branch(out, attention(q, k_img, attn.v_img(ctx.image), heads), 1.0)
     if ip is not None and ip_scale != 0.0:
         kip, vip = (_rows(t, b) for t in ip)
         if kip.dtype != q.dtype:
             kip, vip = kip.to(q.dtype), vip.to(q.dtype)
-        branch = (ip_attention or attention)(q, kip, vip, heads).to(out.dtype)
-        out = out + (branch if ip_scale == 1.0 else ip_scale * branch)
+        out = add_branch(out, (ip_attention or attention)(q, kip, vip, heads), ip_scale)
     return attn.o(out)

@@ -11,12 +11,14 @@ block runs one ``addcmul`` in the run dtype. Here each step is one pure function
 
 Under ``torch.inference_mode()`` they run ``torch.compile``d (one kernel each: the hidden state is
 read and written once) where that pays: by default on CUDA; on the CPU only with ``LYNX_COMPILE=1``
-(compiling costs seconds there; the eager path below is as fast as ComfyUI's block in fp32, while
-in bf16 the CPU's casts through fp32 temporaries keep the eager gated residual at the formula's
-cost, see bench/README.md). ``LYNX_COMPILE=0`` turns compiling off everywhere; a compile that
+(compiling costs seconds there; the eager path below is about as fast as ComfyUI's block, see
+bench/README.md). ``LYNX_COMPILE=0`` turns compiling off everywhere; a compile that
 fails once logs one warning and the process goes on eagerly. The eager path uses fused ops that compute in fp32 and round once: LayerNorm with
 ``1 + scale`` / ``shift`` as its affine weights (input in the run dtype, fp32 weights), and
-``addcmul`` writing straight into a run-dtype output. Inside an outer ``torch.compile`` (ComfyUI's
+``addcmul`` writing straight into a run-dtype output. On the CPU a mixed-dtype op casts its
+operands through full-size fp32 copies, so there, under ``torch.inference_mode()``, a bf16/fp16
+gated residual runs the formula's own ops over cache-sized token chunks instead
+(:func:`gated_residual_chunked`, equal to the formula bit for bit). Inside an outer ``torch.compile`` (ComfyUI's
 TorchCompileModel) the plain formulas are traced, so the outer graph fuses them and never breaks.
 Under autograd (training) the same eager ops run out of place, so a checkpointed block recomputes
 exactly the numbers of its first forward.
@@ -160,8 +162,48 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, inpl
     out = _try_compiled("gated_residual", gated_residual_formula, x, y, gate)
     if out is not None:
         return out
+    # A new output is contiguous whatever x's layout: ComfyUI hands block 0 a transposed view of the
+    # patch embedding, and every later step of the block (the cross-attention residual, LayerNorm,
+    # this residual again) runs several times slower on that channel-strided layout.
+    dest = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if _chunk_pays(x, y, gate):
+        return gated_residual_chunked(x, y, gate, dest)
     # One op, fp32 math (gate is fp32), written in the run dtype; into x itself when the caller owns it.
-    return torch.addcmul(x, y, gate, out=x if inplace else torch.empty_like(x))
+    return torch.addcmul(x, y, gate, out=dest)
+
+
+# About 384 KiB of fp32 per chunk: the temporaries stay in a core's L2 cache.
+CHUNK_ELEMENTS = 96 * 1024
+
+
+def _chunk_pays(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> bool:
+    """Whether the chunked residual replaces ``addcmul``: on the CPU, where a mixed-dtype op casts
+    its operands through full-size fp32 copies, for a run dtype narrower than fp32. Only under
+    ``torch.inference_mode()``: a plain no-grad forward may be one that autograd recomputes (a
+    checkpointed block) with ``addcmul``, whose fused multiply-add rounds differently."""
+    return (x.device.type == "cpu" and x.dtype != torch.float32 and gate.dtype == torch.float32
+            and torch.is_inference_mode_enabled() and x.ndim == 3 and x.shape == y.shape and gate.ndim == 3
+            and gate.shape[0] in (1, x.shape[0]) and gate.shape[1] in (1, x.shape[1])
+            and gate.shape[2] == x.shape[2])
+
+
+def gated_residual_chunked(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The formula's own fp32 ops (``y.float() * gate``, ``+ x.float()``, one rounding to ``out``'s
+    dtype) over token chunks of ``x``/``y`` [B, L, C] (``gate`` [B or 1, 1 or L, C]), so the fp32
+    temporaries are chunk-sized and reused. Equal to :func:`gated_residual_formula` bit for bit;
+    ``out`` may be ``x`` itself (each chunk is read before it is written). No autograd."""
+    b, tokens, c = x.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, b * c))
+    buf = torch.empty((b, min(step, tokens), c), dtype=torch.float32, device=x.device)
+    per_token = gate.shape[1] != 1
+    for start in range(0, tokens, step):
+        n = min(step, tokens - start)
+        tmp = buf[:, :n]
+        g = gate[:, start:start + n] if per_token else gate
+        torch.mul(y[:, start:start + n], g, out=tmp)
+        tmp.add_(x[:, start:start + n])  # fp32 addition commutes: x.float() + y.float() * gate
+        out[:, start:start + n].copy_(tmp)
+    return out
 
 
 def add_branch(out: torch.Tensor, branch: torch.Tensor, scale: float) -> torch.Tensor:

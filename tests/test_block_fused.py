@@ -77,6 +77,59 @@ def test_gated_residual_equals_the_formula(dtype, inplace):
         _bf16_close(got, want)
 
 
+def _residual_inputs(dtype, tokens, gate_kind, strided, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    c = 64
+    x = torch.randn(3, tokens, c, generator=g).to(dtype)
+    if strided:  # ComfyUI's block 0 input: a transposed view of the patch embedding, channel-strided
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    y = torch.randn(3, tokens, c, generator=g).to(dtype)
+    shape = {"per_row": (3, 1, c), "shared": (1, 1, c), "per_token": (3, tokens, c)}[gate_kind]
+    return x, y, torch.randn(*shape, generator=g) * 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("tokens", [1, 37, 301])
+@pytest.mark.parametrize("gate_kind", ["per_row", "shared", "per_token"])
+def test_chunked_residual_is_the_formula_bit_for_bit(monkeypatch, dtype, inplace, tokens, gate_kind):
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 3 * 64 * 5)  # 5-token chunks: 37 and 301 leave a remainder
+    x, y, gate = _residual_inputs(dtype, tokens, gate_kind, strided=gate_kind == "per_row")
+    want = fused.gated_residual_formula(x, y, gate)
+    x_in = x.clone()
+    out = x_in if inplace else torch.empty_like(x)
+    got = fused.gated_residual_chunked(x_in, y, gate, out)
+    assert got is out and got.dtype == dtype
+    assert torch.equal(got, want)
+    if not inplace:
+        assert torch.equal(x_in, x)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cpu_bf16_residual_under_inference_mode_is_the_formula(monkeypatch, inplace):
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 3 * 64 * 8)
+    x, y, gate = _residual_inputs(torch.bfloat16, 301, "per_row", strided=True)
+    want = fused.gated_residual_formula(x, y, gate)
+    assert not torch.equal(torch.addcmul(x, y, gate).to(x.dtype), want), "inputs where addcmul's FMA shows"
+    x_in = x.clone()
+    with torch.inference_mode():
+        got = fused.gated_residual(x_in, y, gate, inplace=inplace)
+    assert torch.equal(got, want) and (got is x_in) == inplace
+    if not inplace:
+        assert got.is_contiguous(), "a new output is contiguous even for a channel-strided input"
+        assert torch.equal(x_in, x)
+
+
+def test_cpu_bf16_residual_under_no_grad_keeps_addcmul():
+    """A plain no-grad forward may be a checkpointed block's first pass: it must round as the
+    autograd recompute (addcmul) does, not as the chunked formula."""
+    x, y, gate = _residual_inputs(torch.bfloat16, 301, "per_row", strided=False)
+    with torch.no_grad():
+        got = fused.gated_residual(x.clone(), y, gate)
+    assert torch.equal(got, torch.addcmul(x, y, gate).to(x.dtype))
+    assert not torch.equal(got, fused.gated_residual_formula(x, y, gate)), "inputs where the two differ"
+
+
 def test_add_branch_in_place_and_scaled():
     g = torch.Generator().manual_seed(3)
     out, branch = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
@@ -157,6 +210,28 @@ def test_fused_block_equals_the_formula_block(block_setup, dtype):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_under_inference_mode_takes_a_strided_input(block_setup, dtype):
+    """ComfyUI runs under inference mode and hands block 0 a channel-strided view: same numbers
+    as a contiguous input, the input untouched, the bf16 residuals exactly the formula's."""
+    blk, x, e, ctx, freqs, ad = block_setup
+    b = blk if dtype == torch.float32 else copy.deepcopy(blk).to(torch.bfloat16)
+    x, ctx, ad = x.to(dtype), ctx.to(dtype), _cast(ad, dtype)
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    with torch.inference_mode():
+        got = wan_block_forward(b, strided, e, freqs, ctx, rope=apply_rope, attention=attention_sdpa, adapters=ad)
+        want = wan_block_forward(b, x, e, freqs, ctx, rope=apply_rope, attention=attention_sdpa, adapters=ad)
+        formula = wan_block_forward(b, x, e, freqs, ctx, rope=apply_rope, attention=None, adapters=ad,
+                                    layout=FormulaLayout(attention_sdpa))
+    assert torch.equal(strided, x), "the block never writes into its input"
+    assert torch.equal(got, want)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, formula, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), formula.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_fused_block_gradients_equal_the_formula_block(block_setup):
