@@ -16,9 +16,9 @@ Figures (each in every ``--dtypes``; every key ending in ``_ratio`` is Lynx / pl
   cost), to read each measured ratio against.
 
 The ComfyUI figures need ComfyUI: ``COMFYUI_PATH`` (or ``--comfyui``) names its folder; without one
-they are skipped. Adapter token counts are scaled with the video tokens so that the branches' share
-of the FLOPs is the one of Lynx-full at 14B, 480x832x81 (32 ID tokens; 256 reference tokens per
-32,760 video tokens): the ratios then measure overhead, not the small branches' real work.
+they are skipped. The reference token count is scaled with the video tokens as in Lynx-full at 14B,
+480x832x81 (256 per 32,760); the 32 ID tokens are not, so at small shapes the branches' share of
+the FLOPs is larger than at 14B (``*_flop_ratio`` says how much: 1.012 for ``small``, 1.0046 at 14B).
 Every figure prints one ``RESULT {json}`` line; the last line sums them all up.
 """
 from __future__ import annotations
