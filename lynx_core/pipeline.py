@@ -98,6 +98,8 @@ def _schedule_or_blank(value, name: str):
     if value is None:
         return None
     return as_schedule(value, name) or ""
+
+
 PASSES = {"none": 1, "two_pass": 2, "three_pass": 3}
 
 
